@@ -1,0 +1,331 @@
+"""Reading TOML files into validated values, with file:line in every error.
+
+`tomllib` parses but forgets where each key was written; officers and
+operators need to be told "directory.toml:14: forces.surrey.peer_address: ...".
+`TomlFile` keeps the text and finds the line of a key path by scanning it, and
+`Section` reads typed values out of one table, rejecting unknown keys (a typo
+in a security setting must never be silently ignored).
+
+Owns: turning a TOML file into checked Python values or a `ConfigError`.
+Does not own: what any particular file means (see directory, config).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from gateway.errors import ConfigError
+
+__all__ = ["MISSING", "Section", "TomlFile", "parse_address"]
+
+T = TypeVar("T")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Marker for "no default: the key is required".
+MISSING: Any = _Missing()
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEYLINE = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
+_KEYPART = re.compile(r""""([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+)""")
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    return tuple(a or b or c for a, b, c in _KEYPART.findall(text))
+
+
+class TomlFile:
+    """A parsed TOML file that remembers its text, to name lines in errors."""
+
+    def __init__(self, path: Path, text: str, data: dict[str, Any]) -> None:
+        self.path = path
+        self.text = text
+        self.data = data
+        self._index: dict[tuple[str | int, ...], int] | None = None
+
+    @classmethod
+    def load(cls, path: Path | str) -> TomlFile:
+        """Read and parse `path`; any failure is a `ConfigError` naming it."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", file=path) from exc
+        return cls.parse(raw, path)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: Path | str = "<input>") -> TomlFile:
+        """Parse TOML bytes (UTF-8, no BOM)."""
+        path = Path(path)
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raise ConfigError("file starts with a UTF-8 byte order mark; save it without one", file=path, line=1)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ConfigError("not valid UTF-8", file=path, line=line) from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            msg = str(exc)
+            match = re.search(r"\(at line (\d+), column \d+\)", msg)
+            line = int(match.group(1)) if match else None
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if match else msg
+            raise ConfigError(f"TOML syntax error: {msg}", file=path, line=line) from exc
+        return cls(path, text, data)
+
+    def root(self) -> Section:
+        """The top-level table."""
+        return Section(self, (), self.data)
+
+    def line_of(self, keys: tuple[str | int, ...]) -> int | None:
+        """Best-effort line number where the key path `keys` is written."""
+        index = self._build_index()
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in index:
+                return index[keys[:n]]
+        return None
+
+    def _build_index(self) -> dict[tuple[str | int, ...], int]:
+        if self._index is not None:
+            return self._index
+        index: dict[tuple[str | int, ...], int] = {}
+        counts: dict[tuple[str, ...], int] = {}
+        current: tuple[str | int, ...] = ()
+        for number, line in enumerate(self.text.splitlines(), start=1):
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            header = _HEADER.match(line)
+            if header and stripped.startswith("["):
+                names = _split_key(header.group(2))
+                if header.group(1) == "[[":
+                    i = counts.get(names, 0)
+                    counts[names] = i + 1
+                    current = (*names, i)
+                else:
+                    current = names
+                # A header inside an array of tables refers to its last element.
+                current = self._resolve(current, counts)
+                index.setdefault(current, number)
+                continue
+            keyline = _KEYLINE.match(line)
+            if keyline:
+                full = (*current, *_split_key(keyline.group(1)))
+                for n in range(len(current) + 1, len(full) + 1):
+                    index.setdefault(full[:n], number)
+        self._index = index
+        return index
+
+    @staticmethod
+    def _resolve(path: tuple[str | int, ...], counts: dict[tuple[str, ...], int]) -> tuple[str | int, ...]:
+        out: list[str | int] = []
+        names: list[str] = []
+        for part in path:
+            out.append(part)
+            if isinstance(part, str):
+                names.append(part)
+                key = tuple(names)
+                if key in counts and part is not path[-1]:
+                    out.append(counts[key] - 1)
+        return tuple(out)
+
+    def error(self, keys: tuple[str | int, ...], message: str) -> ConfigError:
+        """A `ConfigError` for the key path `keys`, with its line if found."""
+        field = ".".join(str(k) for k in keys) if keys else None
+        return ConfigError(message, file=self.path, line=self.line_of(keys), field=field)
+
+
+class Section:
+    """Typed, checked reads from one TOML table; unknown keys are an error."""
+
+    def __init__(self, file: TomlFile, keys: tuple[str | int, ...], data: dict[str, Any]) -> None:
+        self.file = file
+        self.keys = keys
+        self.data = data
+        self._seen: set[str] = set()
+
+    # -- plumbing -------------------------------------------------------------
+
+    def fail(self, key: str | None, message: str) -> NoReturn:
+        """Raise a `ConfigError` for `key` in this table."""
+        raise self.file.error((*self.keys, key) if key is not None else self.keys, message)
+
+    def has(self, key: str) -> bool:
+        """Whether `key` is present (marks it as known)."""
+        self._seen.add(key)
+        return key in self.data
+
+    def _get(self, key: str, default: Any, kind: type[T] | tuple[type, ...], what: str) -> Any:
+        self._seen.add(key)
+        if key not in self.data:
+            if default is MISSING:
+                self.fail(key, "required key is missing")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+            self.fail(key, f"expected {what}, got a boolean")
+        if not isinstance(value, kind):
+            self.fail(key, f"expected {what}, got {_tomltype(value)}")
+        return value
+
+    def finish(self) -> None:
+        """Reject keys this table has that nobody read (typos)."""
+        for key in self.data:
+            if key not in self._seen:
+                self.fail(key, "unknown key")
+
+    @property
+    def path(self) -> Path:
+        """The file this section comes from."""
+        return self.file.path
+
+    # -- scalar reads -------------------------------------------------------------
+
+    def str(self, key: str, default: Any = MISSING, *, pattern: str | None = None, max_len: int = 4096) -> Any:
+        """A string, optionally matching `pattern` (full match)."""
+        value = self._get(key, default, str, "a string")
+        if isinstance(value, str):
+            if len(value) > max_len:
+                self.fail(key, f"longer than {max_len} characters")
+            if pattern is not None and not re.fullmatch(pattern, value):
+                self.fail(key, f"{value!r} does not match {pattern}")
+        return value
+
+    def int(self, key: str, default: Any = MISSING, *, min: int | None = None, max: int | None = None) -> Any:  # noqa: A002
+        """An integer within [min, max]."""
+        value = self._get(key, default, int, "an integer")
+        if isinstance(value, int):
+            if min is not None and value < min:
+                self.fail(key, f"must be at least {min}, got {value}")
+            if max is not None and value > max:
+                self.fail(key, f"must be at most {max}, got {value}")
+        return value
+
+    def float(self, key: str, default: Any = MISSING, *, min: float | None = None, max: float | None = None) -> Any:  # noqa: A002
+        """A number (integer or float) within [min, max]."""
+        value = self._get(key, default, (int, float), "a number")
+        if isinstance(value, int | float) and value is not default:
+            value = float(value)
+            if min is not None and value < min:
+                self.fail(key, f"must be at least {min:g}, got {value:g}")
+            if max is not None and value > max:
+                self.fail(key, f"must be at most {max:g}, got {value:g}")
+        return value
+
+    def bool(self, key: str, default: Any = MISSING) -> Any:
+        """A boolean."""
+        return self._get(key, default, bool, "true or false")
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = MISSING) -> Any:
+        """A string from a fixed set."""
+        value = self._get(key, default, str, "a string")
+        if value is not default and value not in choices:
+            self.fail(key, f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    def file_path(self, key: str, default: Any = MISSING, *, must_exist: bool = False) -> Any:
+        """A path, relative to the directory of this file."""
+        value = self._get(key, default, str, "a path (string)")
+        if not isinstance(value, str):
+            return value
+        if not value:
+            self.fail(key, "path is empty")
+        path = Path(value)
+        if not path.is_absolute():
+            path = self.file.path.parent / path
+        if must_exist and not path.exists():
+            self.fail(key, f"file does not exist: {path}")
+        return path
+
+    def address(self, key: str, default: Any = MISSING) -> Any:
+        """A `host:port` listen or connect address (IPv6 in brackets)."""
+        value = self.str(key, default)
+        if value is default:
+            return value
+        try:
+            parse_address(value)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+        return value
+
+    def str_list(
+        self, key: str, default: Any = MISSING, *, pattern: str | None = None, non_empty: bool = False
+    ) -> Any:
+        """A list of strings, each optionally matching `pattern`; no duplicates."""
+        value = self._get(key, default, list, "a list of strings")
+        if value is default:
+            return value
+        if non_empty and not value:
+            self.fail(key, "list is empty")
+        seen: set[str] = set()
+        for item in value:
+            if not isinstance(item, str):
+                self.fail(key, f"expected strings only, got {_tomltype(item)}")
+            if pattern is not None and not re.fullmatch(pattern, item):
+                self.fail(key, f"{item!r} does not match {pattern}")
+            if item in seen:
+                self.fail(key, f"{item!r} is listed twice")
+            seen.add(item)
+        return tuple(value)
+
+    # -- nested tables ----------------------------------------------------------
+
+    def table(self, key: str, *, required: bool = False) -> Section:
+        """A sub-table (empty if absent and not required)."""
+        value = self._get(key, MISSING if required else {}, dict, "a table")
+        return Section(self.file, (*self.keys, key), value)
+
+    def tables(self) -> Iterator[tuple[str, Section]]:
+        """Each key of this table whose value is a table, as (name, section)."""
+        for key, value in self.data.items():
+            self._seen.add(key)
+            if not isinstance(value, dict):
+                self.fail(key, f"expected a table, got {_tomltype(value)}")
+            yield key, Section(self.file, (*self.keys, key), value)
+
+    def array(self, key: str, *, required: bool = False) -> list[Section]:
+        """An array of tables (`[[key]]`), each as a section."""
+        value = self._get(key, MISSING if required else [], list, "an array of tables")
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                self.fail(key, f"item {i} is {_tomltype(item)}, expected a table")
+            out.append(Section(self.file, (*self.keys, key, i), item))
+        return out
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); raise ValueError if malformed."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not [ipv6]:port")
+        ipaddress.IPv6Address(host)
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r} is not host:port")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} has no valid port (0-65535)")
+    return host, int(port)
+
+
+def _tomltype(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
