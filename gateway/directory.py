@@ -233,71 +233,12 @@ def load_directory(path: Path | str) -> NetworkDirectory:
 def parse_directory(file: TomlFile) -> NetworkDirectory:
     """Validate a parsed directory file; any problem is a `ConfigError` with file:line."""
     root = file.root()
-    network = root.str("network", pattern=_NETWORK_PATTERN, max_len=200)
-    levels = root.str_list("clearance_levels", pattern=_CLEARANCE_PATTERN, non_empty=True)
-    roles = root.str_list("roles", (), pattern=NAME_PATTERN)
-
-    forces: dict[str, Force] = {}
-    peer_addresses: dict[str, str] = {}
-    for name, sec in root.table("forces", required=True).tables():
-        _check_name(sec, name, "force")
-        force = Force(
-            name=name,
-            display_name=sec.str("name", name),
-            trust_domain=f"{name}.{network}",
-            ca_path=sec.file_path("ca"),
-            crl_path=sec.file_path("crl", None),
-            peer_address=sec.address("peer_address"),
-            clients=sec.str_list("clients", (), pattern=NAME_PATTERN),
-        )
-        if force.peer_address in peer_addresses:
-            sec.fail("peer_address", f"same address as force {peer_addresses[force.peer_address]}")
-        peer_addresses[force.peer_address] = name
-        sec.finish()
-        forces[name] = force
-    if not forces:
-        root.fail("forces", "no forces defined")
-
-    units: dict[str, Unit] = {}
-    for name, sec in root.table("units").tables():
-        _check_name(sec, name, "unit")
-        owner = sec.str("force", None)
-        if owner is not None and owner not in forces:
-            sec.fail("force", f"unknown force {owner!r}")
-        units[name] = Unit(name, sec.str("name", name), owner)
-        sec.finish()
-
-    applications: dict[str, Application] = {}
-    seen_services: dict[str, str] = {}
-    for name, sec in root.table("applications").tables():
-        _check_name(sec, name, "application")
-        host = sec.str("host")
-        if host not in forces:
-            sec.fail("host", f"unknown force {host!r}")
-        clearance = sec.str("min_clearance")
-        if clearance not in levels:
-            sec.fail("min_clearance", f"{clearance!r} is not one of clearance_levels")
-        methods: list[Method] = []
-        services = sec.table("services", required=True)
-        for service, msec in services.tables():
-            if not _fullmatch(_SERVICE_PATTERN, service):
-                services.fail(service, "not a fully qualified gRPC service name (package.Service)")
-            if service in seen_services:
-                services.fail(service, f"service already belongs to application {seen_services[service]!r}")
-            seen_services[service] = name
-            for method_name in list(msec.data):
-                if not _fullmatch(_METHOD_PATTERN, method_name):
-                    msec.fail(method_name, "not a gRPC method name")
-                kind = msec.choice(method_name, tuple(c.value for c in CallType))
-                methods.append(Method(service, method_name, CallType(kind)))
-            if not msec.data:
-                services.fail(service, "service lists no methods")
-            msec.finish()
-        if not methods:
-            sec.fail("services", "application has no services")
-        applications[name] = Application(name, sec.str("name", name), host, clearance, tuple(methods))
-        sec.finish()
-
+    network = root.text("network", pattern=_NETWORK_PATTERN, max_len=200)
+    levels = root.text_list("clearance_levels", pattern=_CLEARANCE_PATTERN, non_empty=True)
+    roles = root.text_list("roles", (), pattern=NAME_PATTERN)
+    forces = _parse_forces(root, network)
+    units = _parse_units(root, forces)
+    applications = _parse_applications(root, forces, levels)
     root.finish()
     return NetworkDirectory(
         network=network,
@@ -308,6 +249,76 @@ def parse_directory(file: TomlFile) -> NetworkDirectory:
         applications=MappingProxyType(applications),
         path=file.path,
     )
+
+
+def _parse_forces(root: Section, network: str) -> dict[str, Force]:
+    forces: dict[str, Force] = {}
+    peer_addresses: dict[str, str] = {}
+    for name, sec in root.table("forces", required=True).tables():
+        _check_name(sec, name, "force")
+        force = Force(
+            name=name,
+            display_name=sec.text("name", name),
+            trust_domain=f"{name}.{network}",
+            ca_path=sec.file_path("ca"),
+            crl_path=sec.file_path("crl", None),
+            peer_address=sec.address("peer_address"),
+            clients=sec.text_list("clients", (), pattern=NAME_PATTERN),
+        )
+        if force.peer_address in peer_addresses:
+            sec.fail("peer_address", f"same address as force {peer_addresses[force.peer_address]}")
+        peer_addresses[force.peer_address] = name
+        sec.finish()
+        forces[name] = force
+    if not forces:
+        root.fail("forces", "no forces defined")
+    return forces
+
+
+def _parse_units(root: Section, forces: Mapping[str, Force]) -> dict[str, Unit]:
+    units: dict[str, Unit] = {}
+    for name, sec in root.table("units").tables():
+        _check_name(sec, name, "unit")
+        owner = sec.text("force", None)
+        if owner is not None and owner not in forces:
+            sec.fail("force", f"unknown force {owner!r}")
+        units[name] = Unit(name, sec.text("name", name), owner)
+        sec.finish()
+    return units
+
+
+def _parse_applications(root: Section, forces: Mapping[str, Force], levels: tuple[str, ...]) -> dict[str, Application]:
+    applications: dict[str, Application] = {}
+    seen_services: dict[str, str] = {}
+    for name, sec in root.table("applications").tables():
+        _check_name(sec, name, "application")
+        host = sec.text("host")
+        if host not in forces:
+            sec.fail("host", f"unknown force {host!r}")
+        clearance = sec.text("min_clearance")
+        if clearance not in levels:
+            sec.fail("min_clearance", f"{clearance!r} is not one of clearance_levels")
+        methods: list[Method] = []
+        services = sec.table("services", required=True)
+        for service, msec in services.tables():
+            if not _fullmatch(_SERVICE_PATTERN, service):
+                services.fail(service, "not a fully qualified gRPC service name (package.Service)")
+            if service in seen_services:
+                services.fail(service, f"service already belongs to application {seen_services[service]!r}")
+            seen_services[service] = name
+            if not msec.data:
+                services.fail(service, "service lists no methods")
+            for method_name in list(msec.data):
+                if not _fullmatch(_METHOD_PATTERN, method_name):
+                    msec.fail(method_name, "not a gRPC method name")
+                kind = msec.choice(method_name, tuple(c.value for c in CallType))
+                methods.append(Method(service, method_name, CallType(kind)))
+            msec.finish()
+        if not methods:
+            sec.fail("services", "application has no services")
+        applications[name] = Application(name, sec.text("name", name), host, clearance, tuple(methods))
+        sec.finish()
+    return applications
 
 
 def _fullmatch(pattern: str, value: str) -> bool:

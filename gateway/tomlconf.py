@@ -35,7 +35,9 @@ class _Missing:
 MISSING: Any = _Missing()
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEYLINE = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
+_KEYLINE = re.compile(
+    r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*="""
+)
 _KEYPART = re.compile(r""""([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+)""")
 
 
@@ -78,9 +80,9 @@ class TomlFile:
         except tomllib.TOMLDecodeError as exc:
             msg = str(exc)
             match = re.search(r"\(at line (\d+), column \d+\)", msg)
-            line = int(match.group(1)) if match else None
+            where = int(match.group(1)) if match else None
             msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if match else msg
-            raise ConfigError(f"TOML syntax error: {msg}", file=path, line=line) from exc
+            raise ConfigError(f"TOML syntax error: {msg}", file=path, line=where) from exc
         return cls(path, text, data)
 
     def root(self) -> Section:
@@ -111,11 +113,10 @@ class TomlFile:
                 if header.group(1) == "[[":
                     i = counts.get(names, 0)
                     counts[names] = i + 1
-                    current = (*names, i)
+                    current = (*self._resolve(names[:-1], counts), names[-1], i)
                 else:
-                    current = names
-                # A header inside an array of tables refers to its last element.
-                current = self._resolve(current, counts)
+                    # A header inside an array of tables refers to its last element.
+                    current = self._resolve(names, counts)
                 index.setdefault(current, number)
                 continue
             keyline = _KEYLINE.match(line)
@@ -127,16 +128,12 @@ class TomlFile:
         return index
 
     @staticmethod
-    def _resolve(path: tuple[str | int, ...], counts: dict[tuple[str, ...], int]) -> tuple[str | int, ...]:
+    def _resolve(names: tuple[str, ...], counts: dict[tuple[str, ...], int]) -> tuple[str | int, ...]:
         out: list[str | int] = []
-        names: list[str] = []
-        for part in path:
-            out.append(part)
-            if isinstance(part, str):
-                names.append(part)
-                key = tuple(names)
-                if key in counts and part is not path[-1]:
-                    out.append(counts[key] - 1)
+        for n, name in enumerate(names, start=1):
+            out.append(name)
+            if names[:n] in counts:
+                out.append(counts[names[:n]] - 1)
         return tuple(out)
 
     def error(self, keys: tuple[str | int, ...], message: str) -> ConfigError:
@@ -172,7 +169,7 @@ class Section:
                 self.fail(key, "required key is missing")
             return default
         value = self.data[key]
-        if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        if isinstance(value, bool) and kind is not bool:
             self.fail(key, f"expected {what}, got a boolean")
         if not isinstance(value, kind):
             self.fail(key, f"expected {what}, got {_tomltype(value)}")
@@ -191,7 +188,7 @@ class Section:
 
     # -- scalar reads -------------------------------------------------------------
 
-    def str(self, key: str, default: Any = MISSING, *, pattern: str | None = None, max_len: int = 4096) -> Any:
+    def text(self, key: str, default: Any = MISSING, *, pattern: str | None = None, max_len: int = 4096) -> Any:
         """A string, optionally matching `pattern` (full match)."""
         value = self._get(key, default, str, "a string")
         if isinstance(value, str):
@@ -201,28 +198,32 @@ class Section:
                 self.fail(key, f"{value!r} does not match {pattern}")
         return value
 
-    def int(self, key: str, default: Any = MISSING, *, min: int | None = None, max: int | None = None) -> Any:  # noqa: A002
+    def integer(
+        self, key: str, default: Any = MISSING, *, minimum: int | None = None, maximum: int | None = None
+    ) -> Any:
         """An integer within [min, max]."""
         value = self._get(key, default, int, "an integer")
         if isinstance(value, int):
-            if min is not None and value < min:
-                self.fail(key, f"must be at least {min}, got {value}")
-            if max is not None and value > max:
-                self.fail(key, f"must be at most {max}, got {value}")
+            if minimum is not None and value < minimum:
+                self.fail(key, f"must be at least {minimum}, got {value}")
+            if maximum is not None and value > maximum:
+                self.fail(key, f"must be at most {maximum}, got {value}")
         return value
 
-    def float(self, key: str, default: Any = MISSING, *, min: float | None = None, max: float | None = None) -> Any:  # noqa: A002
+    def number(
+        self, key: str, default: Any = MISSING, *, minimum: float | None = None, maximum: float | None = None
+    ) -> Any:
         """A number (integer or float) within [min, max]."""
         value = self._get(key, default, (int, float), "a number")
         if isinstance(value, int | float) and value is not default:
             value = float(value)
-            if min is not None and value < min:
-                self.fail(key, f"must be at least {min:g}, got {value:g}")
-            if max is not None and value > max:
-                self.fail(key, f"must be at most {max:g}, got {value:g}")
+            if minimum is not None and value < minimum:
+                self.fail(key, f"must be at least {minimum:g}, got {value:g}")
+            if maximum is not None and value > maximum:
+                self.fail(key, f"must be at most {maximum:g}, got {value:g}")
         return value
 
-    def bool(self, key: str, default: Any = MISSING) -> Any:
+    def flag(self, key: str, default: Any = MISSING) -> Any:
         """A boolean."""
         return self._get(key, default, bool, "true or false")
 
@@ -249,7 +250,7 @@ class Section:
 
     def address(self, key: str, default: Any = MISSING) -> Any:
         """A `host:port` listen or connect address (IPv6 in brackets)."""
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value is default:
             return value
         try:
@@ -258,7 +259,7 @@ class Section:
             self.fail(key, str(exc))
         return value
 
-    def str_list(
+    def text_list(
         self, key: str, default: Any = MISSING, *, pattern: str | None = None, non_empty: bool = False
     ) -> Any:
         """A list of strings, each optionally matching `pattern`; no duplicates."""

@@ -25,13 +25,17 @@ _IMPORT = re.compile(r"^from psn(\.[\w.]+)? import ", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
+    import importlib.resources
+
     from grpc_tools import protoc  # imported here: a development dependency only
 
+    well_known = importlib.resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-I{PROTOS}",
+        f"-I{well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",

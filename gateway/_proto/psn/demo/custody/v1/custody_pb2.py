@@ -22,21 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!psn/demo/custody/v1/custody.proto\x12\x13psn.demo.custody.v1\"*\n\x10GetRecordRequest\x12\x16\n\x0e\x63ustody_number\x18\x01 \x01(\t\"k\n\rCustodyRecord\x12\x16\n\x0e\x63ustody_number\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tainee\x18\x02 \x01(\t\x12\x0f\n\x07station\x18\x03 \x01(\t\x12\x0f\n\x07offence\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"Y\n\x11\x42ulkLookupSummary\x12\x31\n\x05\x66ound\x18\x01 \x03(\x0b\x32\".psn.demo.custody.v1.CustodyRecord\x12\x11\n\tnot_found\x18\x02 \x03(\t2\xc7\x01\n\x0e\x43ustodyRecords\x12V\n\tGetRecord\x12%.psn.demo.custody.v1.GetRecordRequest\x1a\".psn.demo.custody.v1.CustodyRecord\x12]\n\nBulkLookup\x12%.psn.demo.custody.v1.GetRecordRequest\x1a&.psn.demo.custody.v1.BulkLookupSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!psn/demo/custody/v1/custody.proto\x12\x13psn.demo.custody.v1\x1a\x19google/protobuf/any.proto\"*\n\x10GetRecordRequest\x12\x16\n\x0e\x63ustody_number\x18\x01 \x01(\t\"k\n\rCustodyRecord\x12\x16\n\x0e\x63ustody_number\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tainee\x18\x02 \x01(\t\x12\x0f\n\x07station\x18\x03 \x01(\t\x12\x0f\n\x07offence\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"Y\n\x11\x42ulkLookupSummary\x12\x31\n\x05\x66ound\x18\x01 \x03(\x0b\x32\".psn.demo.custody.v1.CustodyRecord\x12\x11\n\tnot_found\x18\x02 \x03(\t\"S\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"6\n\x0eNotFoundDetail\x12\x16\n\x0e\x63ustody_number\x18\x01 \x01(\t\x12\x0c\n\x04hint\x18\x02 \x01(\t2\xc7\x01\n\x0e\x43ustodyRecords\x12V\n\tGetRecord\x12%.psn.demo.custody.v1.GetRecordRequest\x1a\".psn.demo.custody.v1.CustodyRecord\x12]\n\nBulkLookup\x12%.psn.demo.custody.v1.GetRecordRequest\x1a&.psn.demo.custody.v1.BulkLookupSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'psn.demo.custody.v1.custody_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETRECORDREQUEST']._serialized_start=58
-  _globals['_GETRECORDREQUEST']._serialized_end=100
-  _globals['_CUSTODYRECORD']._serialized_start=102
-  _globals['_CUSTODYRECORD']._serialized_end=209
-  _globals['_BULKLOOKUPSUMMARY']._serialized_start=211
-  _globals['_BULKLOOKUPSUMMARY']._serialized_end=300
-  _globals['_CUSTODYRECORDS']._serialized_start=303
-  _globals['_CUSTODYRECORDS']._serialized_end=502
+  _globals['_GETRECORDREQUEST']._serialized_start=85
+  _globals['_GETRECORDREQUEST']._serialized_end=127
+  _globals['_CUSTODYRECORD']._serialized_start=129
+  _globals['_CUSTODYRECORD']._serialized_end=236
+  _globals['_BULKLOOKUPSUMMARY']._serialized_start=238
+  _globals['_BULKLOOKUPSUMMARY']._serialized_end=327
+  _globals['_ERRORSTATUS']._serialized_start=329
+  _globals['_ERRORSTATUS']._serialized_end=412
+  _globals['_NOTFOUNDDETAIL']._serialized_start=414
+  _globals['_NOTFOUNDDETAIL']._serialized_end=468
+  _globals['_CUSTODYRECORDS']._serialized_start=471
+  _globals['_CUSTODYRECORDS']._serialized_end=670
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -33,3 +34,21 @@ class BulkLookupSummary(_message.Message):
     found: _containers.RepeatedCompositeFieldContainer[CustodyRecord]
     not_found: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, found: _Optional[_Iterable[_Union[CustodyRecord, _Mapping]]] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ErrorStatus(_message.Message):
+    __slots__ = ("code", "message", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+
+class NotFoundDetail(_message.Message):
+    __slots__ = ("custody_number", "hint")
+    CUSTODY_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    custody_number: str
+    hint: str
+    def __init__(self, custody_number: _Optional[str] = ..., hint: _Optional[str] = ...) -> None: ...
