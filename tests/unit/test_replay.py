@@ -1,0 +1,69 @@
+"""gateway.replay: ids are remembered until they expire, the store is bounded and refuses rather than forgets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.errors import ResourceExhausted
+from gateway.replay import InMemoryReplayStore
+
+
+def test_a_second_sighting_inside_the_window_is_a_replay() -> None:
+    store = InMemoryReplayStore()
+    assert store.remember("r1", expires_at=160, now=100)
+    assert not store.remember("r1", expires_at=160, now=150)
+    assert not store.remember("r1", expires_at=999, now=160)  # still remembered at expires_at exactly
+
+
+def test_an_id_is_forgotten_after_it_expires() -> None:
+    store = InMemoryReplayStore()
+    store.remember("r1", expires_at=160, now=100)
+    assert store.remember("r1", expires_at=221, now=161)
+    assert len(store) == 1
+
+
+def test_eviction_follows_expiry_not_arrival() -> None:
+    store = InMemoryReplayStore()
+    store.remember("late", expires_at=500, now=100)
+    store.remember("early", expires_at=150, now=100)
+    store.remember("x", expires_at=600, now=151)  # evicts "early" only
+    assert len(store) == 2
+    assert not store.remember("late", expires_at=500, now=151)
+    assert store.remember("early", expires_at=700, now=151)
+
+
+def test_a_full_store_refuses_instead_of_forgetting() -> None:
+    store = InMemoryReplayStore(max_entries=2)
+    store.remember("a", expires_at=200, now=100)
+    store.remember("b", expires_at=200, now=100)
+    with pytest.raises(ResourceExhausted, match="refusing rather than forgetting"):
+        store.remember("c", expires_at=200, now=100)
+    assert not store.remember("a", expires_at=200, now=100)  # "a" was not forgotten to make room
+    assert store.remember("c", expires_at=300, now=201)  # room again once a and b expire
+
+
+def test_an_already_expired_id_is_not_stored() -> None:
+    store = InMemoryReplayStore(max_entries=1)
+    assert store.remember("old", expires_at=50, now=100)
+    assert len(store) == 0
+
+
+def test_max_entries_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        InMemoryReplayStore(max_entries=0)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 50), st.integers(0, 5)), max_size=60))
+def test_matches_a_simple_model(events: list[tuple[str, int, int]]) -> None:
+    # Model: an id is a replay iff it was accepted before with expires_at >= now.
+    store = InMemoryReplayStore()
+    now = 0
+    model: dict[str, int] = {}
+    for request_id, lifetime, step in events:
+        now += step
+        expected = not (request_id in model and model[request_id] >= now)
+        assert store.remember(request_id, now + lifetime, now) is expected
+        if expected:
+            model[request_id] = now + lifetime
