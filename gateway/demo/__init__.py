@@ -1,0 +1,1 @@
+"""The demo network: three fictional-data applications, their forces and the scripted tour."""

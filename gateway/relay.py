@@ -1,0 +1,449 @@
+"""The relay between gateways: signed envelopes out, signed seals back.
+
+Origin side (the caller's force): `RelayClient` signs a request envelope for
+the call and sends it with the request messages to the host force's gateway
+over mTLS; it verifies the host's response seal before the call completes.
+
+Host side (the force that hosts the application): `RelayHost` serves the
+`psn.gateway.v1.Relay` service on the peer listener. The envelope is verified
+(stage `envelope`) before anything is forwarded; the response is sealed, bound
+to the envelope's digest, the status and the digest of the response messages.
+
+Unary calls use the `Unary` RPC (one message each way). Every streaming call
+uses `Stream`: the origin sends the envelope, the messages (numbered), and for
+client and bidi streams a request seal over the running digest; the host sends
+headers, the messages (numbered), and the response seal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.clock import Clock
+from gateway.directory import CallType
+from gateway.envelope import (
+    Envelope,
+    EnvelopeVerifier,
+    MessageDigest,
+    RequestSeal,
+    ResponseSeal,
+    Signer,
+    seal_envelope,
+    seal_request,
+)
+from gateway.errors import GatewayError, InvalidArgument, RequestRefused, Unauthenticated, Unavailable
+from gateway.forward import Metadata, Reply, reply_from_error
+from gateway.metadata import from_relay_entries, to_relay_entries
+from gateway.pipeline import Call
+from gateway.tls import ChannelPool
+
+__all__ = [
+    "EnvelopeStage",
+    "RelayClient",
+    "RelayHostDownstream",
+    "RelayUpstream",
+    "response_seal_for",
+]
+
+log = logging.getLogger("psngw.relay")
+
+_UNARY = "/psn.gateway.v1.Relay/Unary"
+_STREAM = "/psn.gateway.v1.Relay/Stream"
+
+
+def _unverified(host: str, exc: GatewayError) -> Unavailable:
+    # The host's answer did not verify: our side of the network failed the
+    # caller, whose own request was fine. Never UNAUTHENTICATED to the caller.
+    return Unavailable(f"response from the gateway of {host} failed verification: {exc.reason}")
+
+
+class RelayClient:
+    """The origin side of the relay."""
+
+    def __init__(
+        self,
+        *,
+        force: str,
+        gateway_id: str,
+        signer: Callable[[], Signer],
+        verifier: EnvelopeVerifier,
+        peers: ChannelPool,
+        clock: Clock,
+    ) -> None:
+        self.force = force
+        self.gateway_id = gateway_id
+        self._signer = signer
+        self._verifier = verifier
+        self._peers = peers
+        self._clock = clock
+
+    def envelope(self, call: Call, *, digest: bytes | None, count: int) -> Envelope:
+        """The request envelope for `call` (its principal and purpose are verified)."""
+        assert call.route is not None and call.principal is not None and call.purpose is not None  # noqa: S101
+        remaining = call.remaining(self._clock.monotonic())
+        now = self._clock.now()
+        decision = call.decision
+        return Envelope(
+            request_id=call.request_id,
+            origin_force=self.force,
+            origin_gateway=self.gateway_id,
+            host_force=call.route.host,
+            application=call.route.application.name,
+            method=call.method,
+            call_type=call.route.method.call_type,
+            principal=call.principal,
+            purpose=call.purpose,
+            issued_at=now,
+            deadline=None if remaining is None else now + remaining,
+            messages_digest=digest,
+            message_count=count,
+            metadata=to_relay_entries(call.passthrough),
+            origin_decision_id=getattr(decision, "decision_id", "") or "",
+            origin_policy_version=getattr(decision, "policy_version", "") or "",
+        )
+
+    def _sign(self, call: Call, env: Envelope) -> tuple[relay_pb2.Signed, bytes]:
+        signed, digest = seal_envelope(env, self._signer())
+        call.envelope_signature = signed.signature
+        return signed, digest
+
+    async def unary(self, call: Call, request: bytes) -> Reply:
+        """Relay a unary call; verify the response seal; return the host's reply."""
+        assert call.route is not None  # noqa: S101  # the route stage sets it
+        host = call.route.host
+        digest = MessageDigest()
+        digest.update(request)
+        call.request_digest = digest.digest
+        signed, env_digest = self._sign(call, self.envelope(call, digest=digest.digest, count=1))
+        channel = self._peers.channel(host)
+        multi: grpc.aio.UnaryUnaryMultiCallable[relay_pb2.UnaryRelayRequest, relay_pb2.UnaryRelayResponse]
+        multi = channel.unary_unary(
+            _UNARY,
+            request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString,
+            response_deserializer=relay_pb2.UnaryRelayResponse.FromString,
+        )
+        try:
+            response = await multi(
+                relay_pb2.UnaryRelayRequest(envelope=signed, message=request),
+                timeout=call.remaining(self._clock.monotonic()),
+            )
+        except grpc.aio.AioRpcError as exc:
+            return reply_from_error(exc, what=f"relay to {host}")
+        message = response.message if response.HasField("message") else None
+        answer = MessageDigest()
+        if message is not None:
+            answer.update(message)
+        try:
+            seal = self._verifier.verify_response_seal(
+                response.seal,
+                envelope_digest=env_digest,
+                request_id=call.request_id,
+                host_force=host,
+                digest=answer.digest,
+                count=answer.count,
+            )
+        except RequestRefused as exc:
+            raise _unverified(host, exc) from exc
+        call.response_digest = answer.digest
+        call.seal_signature = response.seal.signature
+        return _reply_from_seal(seal.value, message)
+
+    async def stream(self, call: Call) -> RelayUpstream:
+        """Open a streaming relay call toward the host force."""
+        upstream = RelayUpstream(self, call)
+        await upstream.open()
+        return upstream
+
+
+def _reply_from_seal(seal: ResponseSeal, message: bytes | None) -> Reply:
+    code = _STATUS_BY_VALUE.get(seal.status_code, grpc.StatusCode.UNKNOWN)
+    return Reply(
+        code=code,
+        details=seal.status_message,
+        initial_metadata=from_relay_entries(seal.initial_metadata),
+        trailing_metadata=from_relay_entries(seal.trailing_metadata, status_details=True),
+        message=message if code is grpc.StatusCode.OK else None,
+    )
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class RelayUpstream:
+    """The origin side of a streaming relay call (an `Upstream` for the pump)."""
+
+    def __init__(self, client: RelayClient, call: Call) -> None:
+        assert call.route is not None  # noqa: S101  # the route stage sets it
+        self._client = client
+        self._call = call
+        self._host = call.route.host
+        self._type = call.route.method.call_type
+        channel = client._peers.channel(self._host)
+        multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, relay_pb2.RelayFrame]
+        multi = channel.stream_stream(
+            _STREAM,
+            request_serializer=relay_pb2.RelayFrame.SerializeToString,
+            response_deserializer=relay_pb2.RelayFrame.FromString,
+        )
+        self._rpc = multi(timeout=call.remaining(client._clock.monotonic()))
+        self._sent = MessageDigest()
+        self._received = MessageDigest()
+        self._env_digest: bytes | None = None
+        self._headers: Metadata = ()
+        self._reply: Reply | None = None
+
+    async def _send_envelope(self, digest: bytes | None, count: int) -> None:
+        env = self._client.envelope(self._call, digest=digest, count=count)
+        signed, self._env_digest = self._client._sign(self._call, env)
+        await self._rpc.write(relay_pb2.RelayFrame(envelope=signed))
+
+    async def open(self) -> None:
+        """Client and bidi streams: send the envelope now, so the host can start the call."""
+        if self._type.client_streams:
+            try:
+                await self._send_envelope(None, 0)
+            except grpc.aio.AioRpcError:
+                return  # the failure surfaces at read()
+
+    async def write(self, data: bytes) -> None:
+        """Send one request message (for a server stream, with the envelope that covers it)."""
+        try:
+            if self._type is CallType.SERVER_STREAM:
+                seq = self._sent.update(data)
+                await self._send_envelope(self._sent.digest, self._sent.count)
+            else:
+                seq = self._sent.update(data)
+            await self._rpc.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+        except grpc.aio.AioRpcError:
+            return  # the failure surfaces at read()
+
+    async def done_writing(self) -> None:
+        """Close the request side: a request seal for client and bidi streams."""
+        try:
+            if self._type.client_streams and self._env_digest is not None:
+                seal = RequestSeal(
+                    request_id=self._call.request_id,
+                    envelope_digest=self._env_digest,
+                    messages_digest=self._sent.digest,
+                    message_count=self._sent.count,
+                    issued_at=self._client._clock.now(),
+                )
+                signed = seal_request(seal, self._client._signer())
+                await self._rpc.write(relay_pb2.RelayFrame(request_seal=signed))
+            await self._rpc.done_writing()
+        except grpc.aio.AioRpcError:
+            return
+        self._call.request_digest = self._sent.digest
+        self._call.request_messages = self._sent.count
+
+    async def initial_metadata(self) -> Metadata:
+        """The host's response headers (they arrive before the first message)."""
+        return self._headers
+
+    async def read(self) -> bytes | None:
+        """The next response message; None once the verified response seal has arrived."""
+        if self._reply is not None:
+            return None
+        while True:
+            try:
+                frame: Any = await self._rpc.read()
+            except grpc.aio.AioRpcError as exc:
+                self._reply = reply_from_error(exc, what=f"relay to {self._host}")
+                return None
+            if frame is grpc.aio.EOF:
+                raise _unverified(self._host, Unauthenticated("relay stream ended without a response seal"))
+            kind = frame.WhichOneof("kind")
+            if kind == "headers":
+                if self._received.count:
+                    raise _unverified(self._host, InvalidArgument("headers after messages"))
+                try:
+                    self._headers = from_relay_entries([(m.key, m.value) for m in frame.headers.metadata])
+                except InvalidArgument as exc:
+                    raise _unverified(self._host, exc) from exc
+                continue
+            if kind == "message":
+                if frame.message.seq != self._received.count:
+                    raise _unverified(self._host, InvalidArgument("response messages out of sequence"))
+                self._received.update(frame.message.data)
+                self._call.response_messages = self._received.count
+                data: bytes = frame.message.data
+                return data
+            if kind == "response_seal":
+                self._finish(frame.response_seal)
+                return None
+            raise _unverified(self._host, InvalidArgument(f"unexpected relay frame {kind!r}"))
+
+    def _finish(self, signed: relay_pb2.Signed) -> None:
+        if self._env_digest is None:
+            raise _unverified(self._host, InvalidArgument("response seal before the envelope was sent"))
+        try:
+            seal = self._client._verifier.verify_response_seal(
+                signed,
+                envelope_digest=self._env_digest,
+                request_id=self._call.request_id,
+                host_force=self._host,
+                digest=self._received.digest,
+                count=self._received.count,
+            )
+        except RequestRefused as exc:
+            raise _unverified(self._host, exc) from exc
+        if self._headers and to_relay_entries(self._headers) != seal.value.initial_metadata:
+            raise _unverified(self._host, InvalidArgument("headers differ from the sealed headers"))
+        self._call.response_digest = self._received.digest
+        self._call.seal_signature = signed.signature
+        self._reply = _reply_from_seal(seal.value, None)
+
+    async def finish(self) -> Reply:
+        """How the host ended the call (verified)."""
+        while self._reply is None:
+            await self.read()
+        return self._reply
+
+    def cancel(self) -> None:
+        """Cancel the relay call."""
+        self._rpc.cancel()
+
+
+class EnvelopeStage:
+    """Peer listener: the request envelope verifies before anything is forwarded."""
+
+    name = "envelope"
+
+    def __init__(self, verifier: EnvelopeVerifier) -> None:
+        self._verifier = verifier
+
+    async def __call__(self, call: Call) -> None:
+        """Verify the envelope in `call.relay_request`; fill the call from it."""
+        assert call.peer is not None  # noqa: S101  # the peer-identity stage runs first
+        request = call.relay_request
+        is_frame = isinstance(request, relay_pb2.RelayFrame)
+        if isinstance(request, relay_pb2.UnaryRelayRequest) or (is_frame and request.WhichOneof("kind") == "envelope"):
+            signed = request.envelope
+        else:
+            raise InvalidArgument("relay call did not start with an envelope")
+        verified = self._verifier.verify_envelope(signed, peer=call.peer)
+        env: Envelope = verified.value
+        if isinstance(request, relay_pb2.UnaryRelayRequest):
+            if env.call_type is not CallType.UNARY:
+                raise InvalidArgument(f"envelope for a {env.call_type} call on the unary relay")
+            digest = MessageDigest()
+            digest.update(request.message)
+            self._verifier.verify_messages(verified, digest.digest, digest.count)
+            call.request_digest, call.request_messages = digest.digest, 1
+        elif env.call_type is CallType.UNARY:
+            raise InvalidArgument("envelope for a unary call on the stream relay")
+        call.envelope = verified
+        call.method = env.method
+        call.principal = env.principal
+        call.purpose = env.purpose
+        call.passthrough = from_relay_entries(env.metadata)
+        call.origin_force = env.origin_force
+        call.origin_gateway = env.origin_gateway
+        call.request_id = env.request_id
+        call.envelope_signature = verified.signature
+
+
+class RelayHostDownstream:
+    """The origin gateway, as the caller of a streaming call at the host."""
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext[relay_pb2.RelayFrame, relay_pb2.RelayFrame],
+        call: Call,
+        verifier: EnvelopeVerifier,
+    ) -> None:
+        self._context = context
+        self._call = call
+        self._verifier = verifier
+        self._received = MessageDigest()
+        self._sent = MessageDigest()
+        self._done = False
+        self._headers_sent: Metadata | None = None
+
+    @property
+    def sent_digest(self) -> MessageDigest:
+        """The running digest of the response messages sent."""
+        return self._sent
+
+    @property
+    def headers(self) -> Metadata:
+        """The headers sent (empty if none yet)."""
+        return self._headers_sent or ()
+
+    async def read(self) -> bytes | None:
+        """The next request message; None only after a valid request seal (or for server streams, after one)."""
+        if self._done:
+            return None
+        env = self._call.envelope
+        call_type: CallType = env.value.call_type
+        frame: Any = await self._context.read()
+        if frame is grpc.aio.EOF:
+            if call_type is CallType.SERVER_STREAM and self._received.count == 1:
+                self._done = True
+                return None
+            raise Unauthenticated("request stream ended without a request seal")
+        kind = frame.WhichOneof("kind")
+        if kind == "message":
+            if frame.message.seq != self._received.count:
+                raise InvalidArgument(f"request message {frame.message.seq} out of sequence")
+            self._received.update(frame.message.data)
+            self._call.request_messages = self._received.count
+            if call_type is CallType.SERVER_STREAM:
+                if self._received.count > 1:
+                    raise InvalidArgument("server-streaming call with more than one request message")
+                self._verifier.verify_messages(env, self._received.digest, self._received.count)
+                self._call.request_digest = self._received.digest
+            data: bytes = frame.message.data
+            return data
+        if kind == "request_seal" and call_type.client_streams:
+            self._verifier.verify_request_seal(
+                frame.request_seal, envelope=env, digest=self._received.digest, count=self._received.count
+            )
+            self._call.request_digest = self._received.digest
+            self._done = True
+            return None
+        raise InvalidArgument(f"unexpected relay frame {kind!r} in the request stream")
+
+    async def send_initial_metadata(self, md: Metadata) -> None:
+        """Send the backend's headers as a Headers frame."""
+        self._headers_sent = md
+        wire = to_relay_entries(md)
+        await self._context.write(
+            relay_pb2.RelayFrame(
+                headers=relay_pb2.Headers(metadata=[relay_pb2.MetadataEntry(key=k, value=v) for k, v in wire])
+            )
+        )
+
+    async def write(self, data: bytes) -> None:
+        """Send one response message, numbered."""
+        seq = self._sent.update(data)
+        self._call.response_messages = self._sent.count
+        await self._context.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+
+
+def response_seal_for(
+    call: Call, reply: Reply, *, host_gateway: str, force: str, digest: MessageDigest, headers: Metadata, clock: Clock
+) -> ResponseSeal:
+    """The response seal for a call the host answered (allowed or refused after the envelope verified)."""
+    verified = call.envelope
+    decision = call.decision
+    return ResponseSeal(
+        request_id=call.request_id,
+        envelope_digest=verified.digest,
+        host_force=force,
+        host_gateway=host_gateway,
+        status_code=reply.code.value[0],
+        status_message=reply.details,
+        initial_metadata=to_relay_entries(headers),
+        trailing_metadata=to_relay_entries(reply.trailing_metadata),
+        messages_digest=digest.digest,
+        message_count=digest.count,
+        issued_at=clock.now(),
+        decision_id=getattr(decision, "decision_id", "") or "",
+        policy_version=getattr(decision, "policy_version", "") or "",
+    )

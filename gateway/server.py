@@ -1,0 +1,741 @@
+"""The gateway process: two listeners, the pipelines, and the edge that maps errors to statuses.
+
+The **local listener** takes this force's applications (mTLS with application
+certificates of this force). Applications call it with their ordinary stubs:
+any method path is accepted and routed by its service through the network
+directory. The **peer listener** takes other forces' gateways (mTLS with gateway
+certificates pinned to their own force) and serves the relay (gateway.relay).
+
+This module is the edge: it turns a gRPC call into a `Call`, runs the stages,
+hands the call to a forwarder (the backend, or the relay to the host force's
+gateway), records the outcome, and chooses the caller's status (through
+`gateway.status`, the one table). Refusals are logged with their full reason;
+the caller sees only the status and a short public text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.clock import Clock, SystemClock
+from gateway.config import GatewayConfig
+from gateway.directory import CallType, NetworkDirectory, load_directory
+from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
+from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound
+from gateway.forward import BackendUpstream, Metadata, Reply, Upstream, backend_unary, pump_stream
+from gateway.identity import TrustStore, load_trust_store
+from gateway.metadata import backend_metadata
+from gateway.pipeline import (
+    Call,
+    DeadlineStage,
+    Listener,
+    MetadataStage,
+    PeerIdentityStage,
+    Pipeline,
+    PurposeStage,
+    RouteStage,
+    Stage,
+    TokenStage,
+)
+from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
+from gateway.replay import InMemoryReplayStore
+from gateway.status import status_for
+from gateway.tls import ChannelPool, KeyPair, ServerTls
+from gateway.token import TokenVerifier, build_key_source
+
+__all__ = ["Gateway", "LogRecorder", "Recorder"]
+
+log = logging.getLogger("psngw.server")
+_PEM = Encoding.PEM
+
+#: The servicer context of the gateway's handlers (raw bytes locally, relay frames on the peer listener).
+Context = grpc.aio.ServicerContext[Any, Any]
+calls_log = logging.getLogger("psngw.calls")
+
+
+class Recorder(Protocol):
+    """Where the record of each call goes; `record` returns once it is durable."""
+
+    async def record(self, call: Call, event: str) -> None:
+        """Record `call` (event: call, stream-open, stream-close); raise AuditUnavailable if it cannot."""
+        ...
+
+
+class LogRecorder:
+    """Records calls as JSON lines in the operator log (not durable; the audit log is)."""
+
+    async def record(self, call: Call, event: str) -> None:
+        """Log one line for the call."""
+        calls_log.info(
+            "%s %s %s",
+            event,
+            call.method,
+            call.status or "-",
+            extra={
+                "request_id": call.request_id,
+                "event": event,
+                "listener": call.listener.value,
+                "peer": call.peer.spiffe_id if call.peer else None,
+                "method": call.method,
+                "status": call.status,
+                "refusal_stage": call.refusal_stage,
+                "refusal_reason": call.refusal.reason if call.refusal else None,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class _Ports:
+    local: int
+    peer: int
+
+
+def _peer_certificate(context: Context) -> bytes | None:
+    return next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+
+
+class ContextDownstream:
+    """The caller of a streaming call on the local listener."""
+
+    def __init__(self, context: Context, call: Call, *, max_requests: int | None) -> None:
+        self._context = context
+        self._call = call
+        self._max = max_requests
+
+    async def read(self) -> bytes | None:
+        """The caller's next request message, None when it is done."""
+        message: object = await self._context.read()
+        if message is grpc.aio.EOF:
+            return None
+        self._call.request_messages += 1
+        if self._max is not None and self._call.request_messages > self._max:
+            raise InvalidArgument(f"{self._call.method} takes one request message, got more")
+        assert isinstance(message, bytes)  # noqa: S101  # no deserializer: raw bytes
+        return message
+
+    async def send_initial_metadata(self, md: Metadata) -> None:
+        """Send the response headers."""
+        await self._context.send_initial_metadata(md)
+
+    async def write(self, data: bytes) -> None:
+        """Send one response message."""
+        self._call.response_messages += 1
+        await self._context.write(data)
+
+
+class Gateway:
+    """One force's gateway: start it, serve, stop it."""
+
+    def __init__(self, config: GatewayConfig, *, clock: Clock | None = None, recorder: Recorder | None = None) -> None:
+        self.config = config
+        self.force = config.force
+        self.clock: Clock = clock or SystemClock()
+        self.recorder: Recorder = recorder or LogRecorder()
+        self._directory = config.directory
+        self._trust = load_trust_store(
+            config.directory, crl_grace=config.revocation.crl_grace, require_crl=config.revocation.require_crl
+        )
+        self._tls = KeyPair.load(config.tls.cert, config.tls.key)
+        self._local_tls = ServerTls(self._tls, self._local_roots())
+        self._peer_tls = ServerTls(self._tls, self._peer_roots())
+        limits = config.limits
+        self.backends = ChannelPool(self._tls, max_message_bytes=limits.max_message_bytes, grace=limits.max_deadline)
+        self.peers = ChannelPool(
+            self._tls, max_message_bytes=limits.max_message_bytes, size=limits.peer_channels, grace=limits.max_deadline
+        )
+        self._set_channel_targets()
+        self._signer = Signer.from_files(config.signing.cert, config.signing.key)
+        self.envelope_verifier = EnvelopeVerifier(
+            trust=self.trust,
+            own_force=self.force,
+            window=config.signing.window,
+            replay=InMemoryReplayStore(config.signing.replay_capacity),
+            clock=self.clock,
+            max_deadline=limits.max_deadline,
+        )
+        self.relay = RelayClient(
+            force=self.force,
+            gateway_id=config.gateway_id,
+            signer=self.signer,
+            verifier=self.envelope_verifier,
+            peers=self.peers,
+            clock=self.clock,
+        )
+        self.token_verifier = TokenVerifier(
+            config.tokens, force=self.force, keys=build_key_source(config.tokens, self.clock), clock=self.clock
+        )
+        self.local_pipeline = Pipeline(self._local_stages())
+        self.peer_identity = Pipeline(
+            [
+                PeerIdentityStage(
+                    Listener.PEER, force=self.force, trust=self.trust, directory=self.directory, clock=self.clock
+                )
+            ]
+        )
+        self.peer_pipeline = Pipeline(
+            [
+                EnvelopeStage(self.envelope_verifier),
+                RouteStage(self.directory, force=self.force, listener=Listener.PEER),
+                DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
+            ]
+        )
+        self.reload_hooks: list[Callable[[], None]] = []
+        self.reload_errors: list[str] = []
+        self.expiring: list[tuple[str, float]] = []
+        self._reload_requested = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._local_server: grpc.aio.Server | None = None
+        self._peer_server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self.ports: _Ports | None = None
+        self._stopping = asyncio.Event()
+
+    # -- what the stages read ---------------------------------------------------
+
+    def directory(self) -> NetworkDirectory:
+        """The current network directory."""
+        return self._directory
+
+    def trust(self) -> TrustStore:
+        """The current trust store (CA certificates and CRLs)."""
+        return self._trust
+
+    def _local_roots(self) -> bytes:
+        return self._trust.ca_certificate(self.force).public_bytes(_PEM)
+
+    def _peer_roots(self) -> bytes:
+        return b"".join(self._trust.ca_certificate(f).public_bytes(_PEM) for f in self._trust.forces if f != self.force)
+
+    def _set_channel_targets(self) -> None:
+        directory = self._directory
+        own_ca = self._local_roots()
+        self.backends.set_targets(
+            {name: (b.address, b.server_name, own_ca) for name, b in self.config.backends.items()}
+        )
+        self.peers.set_targets(
+            {
+                f.name: (f.peer_address, f.gateway_server_name, self._trust.ca_certificate(f.name).public_bytes(_PEM))
+                for f in directory.forces.values()
+                if f.name != self.force
+            }
+        )
+
+    def signer(self) -> Signer:
+        """The current signing key and certificate."""
+        return self._signer
+
+    def _local_stages(self) -> list[Stage]:
+        limits = self.config.limits
+        return [
+            PeerIdentityStage(
+                Listener.LOCAL, force=self.force, trust=self.trust, directory=self.directory, clock=self.clock
+            ),
+            MetadataStage(max_entries=limits.max_metadata_entries, max_bytes=limits.max_metadata_bytes),
+            TokenStage(self.token_verifier),
+            PurposeStage(self.config.purpose),
+            RouteStage(self.directory, force=self.force, listener=Listener.LOCAL),
+            DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
+        ]
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _server_options(self) -> list[tuple[str, int]]:
+        limits = self.config.limits
+        return [
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_metadata_size", limits.max_metadata_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+
+    async def start(self) -> None:
+        """Bind both listeners and start serving."""
+        limits = self.config.limits
+        local = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
+        local.add_generic_rpc_handlers((_LocalHandler(self),))
+        self._add_health(local)
+        local_port = local.add_secure_port(self.config.listeners.local, self._local_tls.credentials())
+        peer = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
+        self._add_peer_services(peer)
+        self._add_health(peer)
+        peer_port = peer.add_secure_port(self.config.listeners.peer, self._peer_tls.credentials())
+        await local.start()
+        await peer.start()
+        self._local_server, self._peer_server = local, peer
+        self.ports = _Ports(local_port, peer_port)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "gateway of %s serving: local %s, peer %s",
+            self.force,
+            self.config.listeners.local,
+            self.config.listeners.peer,
+            extra={"force": self.force, "local_port": local_port, "peer_port": peer_port},
+        )
+
+    def _add_health(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+
+    def _add_peer_services(self, server: grpc.aio.Server) -> None:
+        """The relay (and the witness) on the peer listener."""
+        server.add_generic_rpc_handlers((_PeerHandler(self),))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls; let calls in flight finish within `grace` seconds."""
+        grace = self.config.limits.shutdown_grace if grace is None else grace
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        servers = [s for s in (self._local_server, self._peer_server) if s is not None]
+        await asyncio.gather(*(s.stop(grace) for s in servers))
+        await self.backends.close()
+        await self.peers.close()
+        self._stopping.set()
+        log.info("gateway of %s stopped", self.force, extra={"force": self.force})
+
+    async def wait_stopped(self) -> None:
+        """Wait until `stop` has finished."""
+        await self._stopping.wait()
+
+    # -- reloading without restart --------------------------------------------------------
+
+    def _watched_files(self) -> list[Path]:
+        files = [self.config.tls.cert, self.config.tls.key, self.config.signing.cert, self.config.signing.key]
+        files.append(self.config.directory_path)
+        for force in self._directory.forces.values():
+            files.append(force.ca_path)
+            if force.crl_path is not None:
+                files.append(force.crl_path)
+        return files
+
+    def _snapshot(self) -> dict[Path, tuple[int, int] | None]:
+        out: dict[Path, tuple[int, int] | None] = {}
+        for path in self._watched_files():
+            try:
+                st = path.stat()
+                out[path] = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                out[path] = None
+        return out
+
+    def request_reload(self) -> None:
+        """Reload soon (the SIGHUP handler)."""
+        self._reload_requested.set()
+
+    async def _watch(self) -> None:
+        """Poll the watched files; reload when one changes or on request."""
+        interval = self.config.revocation.reload_interval
+        seen = self._snapshot()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_requested.wait(), timeout=interval)
+            now = self._snapshot()
+            if now != seen or self._reload_requested.is_set():
+                self._reload_requested.clear()
+                # Let a writer finish: files written in place change size/mtime more than once.
+                await asyncio.sleep(min(0.2, interval))
+                seen = self._snapshot()
+                self.reload()
+            self._warn_expiry()
+
+    def reload(self) -> list[str]:
+        """Reload every reloadable input; each part that fails keeps its old value. Returns the errors."""
+        errors: list[str] = []
+        directory = self._directory
+        try:
+            directory = load_directory(self.config.directory_path)
+            if self.force not in directory.forces:
+                raise ConfigError(f"force {self.force} is no longer in the directory", file=self.config.directory_path)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            directory = self._directory
+        try:
+            trust = load_trust_store(
+                directory, crl_grace=self.config.revocation.crl_grace, require_crl=self.config.revocation.require_crl
+            )
+            self._directory, self._trust = directory, trust
+        except ConfigError as exc:
+            errors.append(str(exc))
+        try:
+            keypair = KeyPair.load(self.config.tls.cert, self.config.tls.key)
+            if keypair.fingerprint != self._tls.fingerprint:
+                self._tls = keypair
+                self.backends.rebuild(keypair)
+                self.peers.rebuild(keypair)
+                log.info("TLS certificate rotated", extra={"fingerprint": keypair.fingerprint})
+        except ConfigError as exc:
+            errors.append(str(exc))
+        self._local_tls.update(self._tls, self._local_roots())
+        self._peer_tls.update(self._tls, self._peer_roots())
+        self._set_channel_targets()
+        try:
+            signer = Signer.from_files(self.config.signing.cert, self.config.signing.key)
+            self._signer = signer
+        except ConfigError as exc:
+            errors.append(str(exc))
+        for hook in self.reload_hooks:
+            try:
+                hook()
+            except ConfigError as exc:
+                errors.append(str(exc))
+        for error in errors:
+            log.error("reload rejected, keeping the last good version: %s", error)
+        self.reload_errors = errors
+        return errors
+
+    def _warn_expiry(self) -> None:
+        now = self.clock.now()
+        certs = {"gateway TLS": self._tls.certificate, "gateway signing": self._signer.certificate}
+        for force in self._directory.forces:
+            certs[f"CA of {force}"] = self._trust.ca_certificate(force)
+        self.expiring = self._trust.expiring(certs, now, self.config.revocation.expiry_warning_days)
+        for label, days in self.expiring:
+            log.warning(
+                "%s certificate expires in %.1f days", label, days, extra={"certificate": label, "days_left": days}
+            )
+
+    # -- the edge ----------------------------------------------------------------------
+
+    def new_call(self, listener: Listener, method: str, context: Context) -> Call:
+        """A `Call` for an arriving RPC, with its peer certificate and deadline."""
+        remaining = context.time_remaining()
+        mono = self.clock.monotonic()
+        return Call(
+            listener=listener,
+            method=method,
+            metadata=tuple((k, v) for k, v in context.invocation_metadata() or ()),
+            peer_certificate=_peer_certificate(context),
+            started_at=self.clock.now(),
+            started_mono=mono,
+            deadline_mono=None if remaining is None else mono + remaining,
+        )
+
+    async def refuse(self, call: Call, exc: GatewayError, context: Context) -> None:
+        """Record a refused call and end it with its status; never returns."""
+        code = status_for(exc)
+        call.refusal = call.refusal or exc
+        call.status = code.name
+        call.status_message = exc.public
+        log.warning(
+            "refused %s at %s: %s",
+            call.method,
+            call.refusal_stage or "forward",
+            exc.reason,
+            extra={
+                "request_id": call.request_id,
+                "status": code.name,
+                "peer": call.peer.spiffe_id if call.peer else None,
+            },
+        )
+        try:
+            await self.recorder.record(call, "call")
+        except GatewayError as audit_exc:
+            code, exc = status_for(audit_exc), audit_exc
+            log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
+        await context.abort(code, exc.public)
+
+    async def finish(self, call: Call, reply: Reply, context: Context, event: str) -> bytes | None:
+        """Record the outcome durably, then release the reply to the caller."""
+        call.status = reply.code.name
+        call.status_message = reply.details
+        try:
+            await self.recorder.record(call, event)
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        if not reply.ok:
+            await context.abort(reply.code, reply.details, trailing_metadata=reply.trailing_metadata)
+        if reply.trailing_metadata:
+            context.set_trailing_metadata(reply.trailing_metadata)
+        return reply.message
+
+    def _record_cancelled(self, call: Call, event: str) -> None:
+        call.status = grpc.StatusCode.CANCELLED.name
+        task = asyncio.get_running_loop().create_task(self.recorder.record(call, event))
+        task.add_done_callback(_log_task_error)
+
+    async def local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
+        """A unary call from an application of this force."""
+        call = self.new_call(Listener.LOCAL, method, context)
+        call.request_messages = 1
+        try:
+            await self.local_pipeline.admit(call)
+            reply = await self.forward_unary(call, request)
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        except asyncio.CancelledError:
+            self._record_cancelled(call, "call")
+            raise
+        if reply.message is not None:
+            call.response_messages = 1
+        if reply.initial_metadata:
+            await context.send_initial_metadata(reply.initial_metadata)
+        return await self.finish(call, reply, context, "call")
+
+    async def local_stream(self, method: str, context: Context) -> None:
+        """A streaming call (any direction) from an application of this force."""
+        call = self.new_call(Listener.LOCAL, method, context)
+        opened = False
+        try:
+            await self.local_pipeline.admit(call)
+            assert call.route is not None  # noqa: S101  # the route stage sets it
+            call_type = call.route.method.call_type
+            await self.recorder.record(call, "stream-open")
+            opened = True
+            downstream = ContextDownstream(context, call, max_requests=None if call_type.client_streams else 1)
+            reply = await pump_stream(downstream, await self.open_upstream(call))
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        except asyncio.CancelledError:
+            self._record_cancelled(call, "stream-close" if opened else "call")
+            raise
+        await self.finish(call, reply, context, "stream-close")
+
+    # -- forwarding ---------------------------------------------------------------------
+
+    def backend_metadata(self, call: Call) -> Metadata:
+        """The caller's pass-through metadata, and what the backend is told in the gateway's own headers."""
+        assert call.principal is not None and call.purpose is not None  # noqa: S101  # admitted calls have both
+        own = backend_metadata(request_id=call.request_id, principal=call.principal, purpose=call.purpose)
+        return (*call.passthrough, *own)
+
+    async def forward_unary(self, call: Call, request: bytes) -> Reply:
+        """Send a unary call where its data is: this force's backend, or the host force."""
+        assert call.route is not None  # noqa: S101  # the route stage sets it
+        if call.route.host != self.force:
+            return await self.relay_unary(call, request)
+        app = call.route.application.name
+        return await backend_unary(
+            self.backends.channel(app),
+            call.method,
+            request,
+            metadata=self.backend_metadata(call),
+            timeout=call.remaining(self.clock.monotonic()),
+            what=f"backend {app}",
+        )
+
+    async def open_upstream(self, call: Call) -> Upstream:
+        """Open a streaming call where its data is."""
+        assert call.route is not None  # noqa: S101  # the route stage sets it
+        if call.route.host != self.force:
+            return await self.relay_stream(call)
+        app = call.route.application.name
+        return BackendUpstream(
+            self.backends.channel(app),
+            call.method,
+            metadata=self.backend_metadata(call),
+            timeout=call.remaining(self.clock.monotonic()),
+            what=f"backend {app}",
+        )
+
+    async def relay_unary(self, call: Call, request: bytes) -> Reply:
+        """Relay a unary call to the host force's gateway."""
+        return await self.relay.unary(call, request)
+
+    async def relay_stream(self, call: Call) -> Upstream:
+        """Relay a streaming call to the host force's gateway."""
+        return await self.relay.stream(call)
+
+    # -- the host side of the relay (peer listener) -----------------------------------------
+
+    async def _peer_admit(self, call: Call, context: PeerContext) -> None:
+        """Run the peer pipeline; a refusal before the envelope verified ends the relay call unsealed."""
+        try:
+            await self.peer_pipeline.admit(call)
+        except GatewayError as exc:
+            if call.envelope is None:
+                await self.refuse(call, exc, context)
+            raise
+
+    def _sealed(self, call: Call, reply: Reply, digest: MessageDigest, headers: Metadata) -> relay_pb2.Signed:
+        seal = response_seal_for(
+            call,
+            reply,
+            host_gateway=self.config.gateway_id,
+            force=self.force,
+            digest=digest,
+            headers=headers,
+            clock=self.clock,
+        )
+        signed = seal_response(seal, self.signer())
+        call.seal_signature = signed.signature
+        call.response_digest = digest.digest
+        return signed
+
+    async def peer_unary(
+        self, request: relay_pb2.UnaryRelayRequest, context: PeerContext
+    ) -> relay_pb2.UnaryRelayResponse:
+        """A unary call relayed by another force's gateway."""
+        call = self.new_call(Listener.PEER, _RELAY_UNARY, context)
+        call.relay_request = request
+        try:
+            await self.peer_identity.admit(call)
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        try:
+            await self._peer_admit(call, context)
+            reply = await self.forward_unary(call, request.message)
+        except GatewayError as exc:
+            reply = self._refusal_reply(call, exc)
+        except asyncio.CancelledError:
+            self._record_cancelled(call, "call")
+            raise
+        digest = MessageDigest()
+        if reply.message is not None:
+            digest.update(reply.message)
+            call.response_messages = 1
+        signed = self._sealed(call, reply, digest, reply.initial_metadata)
+        call.status, call.status_message = reply.code.name, reply.details
+        try:
+            await self.recorder.record(call, "call")
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        response = relay_pb2.UnaryRelayResponse(seal=signed)
+        if reply.message is not None:
+            response.message = reply.message
+        return response
+
+    def _refusal_reply(self, call: Call, exc: GatewayError) -> Reply:
+        """A refusal after the envelope verified: recorded, and sealed back to the origin."""
+        code = status_for(exc)
+        call.refusal = call.refusal or exc
+        log.warning(
+            "refused relayed %s at %s: %s",
+            call.method,
+            call.refusal_stage or "forward",
+            exc.reason,
+            extra={
+                "request_id": call.request_id,
+                "status": code.name,
+                "peer": call.peer.spiffe_id if call.peer else None,
+            },
+        )
+        return Reply(code=code, details=exc.public)
+
+    async def peer_stream(self, context: PeerContext) -> None:
+        """A streaming call relayed by another force's gateway."""
+        call = self.new_call(Listener.PEER, _RELAY_STREAM, context)
+        downstream: RelayHostDownstream | None = None
+        opened = False
+        try:
+            try:
+                await self.peer_identity.admit(call)
+            except GatewayError as exc:
+                await self.refuse(call, exc, context)
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                await self.refuse(call, InvalidArgument("relay stream closed before its envelope"), context)
+            call.relay_request = first
+            await self._peer_admit(call, context)
+            downstream = RelayHostDownstream(context, call, self.envelope_verifier)
+            await self.recorder.record(call, "stream-open")
+            opened = True
+            upstream = await self.open_upstream(call)
+            reply = await pump_stream(downstream, upstream)
+        except GatewayError as exc:
+            if call.envelope is None:
+                raise
+            reply = self._refusal_reply(call, exc)
+        except asyncio.CancelledError:
+            self._record_cancelled(call, "stream-close" if opened else "call")
+            raise
+        if downstream is None:
+            downstream = RelayHostDownstream(context, call, self.envelope_verifier)
+        signed = self._sealed(call, reply, downstream.sent_digest, downstream.headers)
+        call.status, call.status_message = reply.code.name, reply.details
+        try:
+            await self.recorder.record(call, "stream-close" if opened else "call")
+        except GatewayError as exc:
+            await self.refuse(call, exc, context)
+        await context.write(relay_pb2.RelayFrame(response_seal=signed))
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background record failed: %s", task.exception())
+
+
+_RELAY_UNARY = "/psn.gateway.v1.Relay/Unary"
+_RELAY_STREAM = "/psn.gateway.v1.Relay/Stream"
+
+PeerContext = Context
+
+
+class _PeerHandler(grpc.GenericRpcHandler):
+    """The relay service on the peer listener."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._unary = grpc.unary_unary_rpc_method_handler(
+            gateway.peer_unary,
+            request_deserializer=relay_pb2.UnaryRelayRequest.FromString,
+            response_serializer=relay_pb2.UnaryRelayResponse.SerializeToString,
+        )
+        self._stream = grpc.stream_stream_rpc_method_handler(
+            partial(_peer_stream_entry, gateway),
+            request_deserializer=relay_pb2.RelayFrame.FromString,
+            response_serializer=relay_pb2.RelayFrame.SerializeToString,
+        )
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method == _RELAY_UNARY:
+            return self._unary
+        if method == _RELAY_STREAM:
+            return self._stream
+        return None
+
+
+async def _peer_stream_entry(gateway: Gateway, _requests: Any, context: PeerContext) -> None:
+    await gateway.peer_stream(context)
+
+
+class _LocalHandler(grpc.GenericRpcHandler):
+    """Accepts any method on the local listener; the pipeline decides."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._cache: dict[tuple[int, str], grpc.RpcMethodHandler[bytes, bytes]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
+        method = handler_call_details.method
+        directory = self._gateway.directory()
+        key = (id(directory), method)
+        handler = self._cache.get(key)
+        if handler is not None:
+            return handler
+        try:
+            call_type = directory.route(method).method.call_type
+        except NotFound:
+            call_type = None
+        gateway = self._gateway
+        if call_type is CallType.UNARY:
+            handler = grpc.unary_unary_rpc_method_handler(partial(gateway.local_unary, method))
+        else:
+            handler = grpc.stream_stream_rpc_method_handler(partial(_stream_entry, gateway.local_stream, method))
+        if call_type is not None:  # only known methods: unknown ones must not grow the cache
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = handler
+        return handler
+
+
+async def _stream_entry(
+    fn: Callable[[str, Context], Coroutine[Any, Any, None]],
+    method: str,
+    _requests: Any,
+    context: Context,
+) -> None:
+    # grpc passes a request iterator; the handlers use context.read() instead.
+    await fn(method, context)
