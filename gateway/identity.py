@@ -29,6 +29,7 @@ import enum
 import hashlib
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,13 +142,20 @@ class _Static:
     usages: frozenset[Usage]
 
 
+#: What cryptography raises while parsing a malformed certificate (some of it lazily, on first use).
+_MALFORMED = (ValueError, TypeError, x509.DuplicateExtension, x509.InvalidVersion, x509.UnsupportedGeneralNameType)
+
+
 def load_certificate(data: bytes) -> x509.Certificate:
-    """Parse a certificate in PEM or DER; `Unauthenticated` if it is not one."""
+    """Parse a certificate in PEM or DER; `Unauthenticated` if it is not one (warnings included)."""
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            # A negative serial and similar non-conformance only warns in cryptography: refuse it.
+            warnings.simplefilter("error")
+            if data.lstrip().startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_certificate(data)
+            return x509.load_der_x509_certificate(data)
+    except (*_MALFORMED, Warning) as exc:
         raise Unauthenticated(f"not a valid X.509 certificate: {exc}") from exc
 
 
@@ -276,6 +284,8 @@ class TrustStore:
                 cached = self._verify_static(parsed or load_certificate(der), key.hex())
             except Unauthenticated as exc:
                 cached = exc
+            except _MALFORMED as exc:  # cryptography parses extensions lazily
+                cached = Unauthenticated(f"malformed certificate: {exc}")
             with self._lock:
                 self._cache[key] = cached
                 if len(self._cache) > _CACHE_SIZE:

@@ -149,8 +149,8 @@ class Gateway:
             config.directory, crl_grace=config.revocation.crl_grace, require_crl=config.revocation.require_crl
         )
         self._tls = KeyPair.load(config.tls.cert, config.tls.key)
-        self._local_tls = ServerTls(self._tls, self._local_roots())
-        self._peer_tls = ServerTls(self._tls, self._peer_roots())
+        self._local_tls = ServerTls(self._tls, self._roots())
+        self._peer_tls = ServerTls(self._tls, self._roots())
         limits = config.limits
         self.backends = ChannelPool(self._tls, max_message_bytes=limits.max_message_bytes, grace=limits.max_deadline)
         self.peers = ChannelPool(
@@ -213,15 +213,18 @@ class Gateway:
         """The current trust store (CA certificates and CRLs)."""
         return self._trust
 
-    def _local_roots(self) -> bytes:
-        return self._trust.ca_certificate(self.force).public_bytes(_PEM)
+    def _roots(self) -> bytes:
+        # Both listeners trust every force's CA for the handshake, then pin each
+        # peer to its own trust domain in the peer-identity stage, where the
+        # refusal is logged and audited (a failed handshake would leave no record).
+        return b"".join(self._trust.ca_certificate(f).public_bytes(_PEM) for f in self._trust.forces)
 
-    def _peer_roots(self) -> bytes:
-        return b"".join(self._trust.ca_certificate(f).public_bytes(_PEM) for f in self._trust.forces if f != self.force)
+    def _own_ca(self) -> bytes:
+        return self._trust.ca_certificate(self.force).public_bytes(_PEM)
 
     def _set_channel_targets(self) -> None:
         directory = self._directory
-        own_ca = self._local_roots()
+        own_ca = self._own_ca()
         self.backends.set_targets(
             {name: (b.address, b.server_name, own_ca) for name, b in self.config.backends.items()}
         )
@@ -378,8 +381,8 @@ class Gateway:
                 log.info("TLS certificate rotated", extra={"fingerprint": keypair.fingerprint})
         except ConfigError as exc:
             errors.append(str(exc))
-        self._local_tls.update(self._tls, self._local_roots())
-        self._peer_tls.update(self._tls, self._peer_roots())
+        self._local_tls.update(self._tls, self._roots())
+        self._peer_tls.update(self._tls, self._roots())
         self._set_channel_targets()
         try:
             signer = Signer.from_files(self.config.signing.cert, self.config.signing.key)

@@ -32,13 +32,17 @@ def generate(out: Path) -> None:
     well_known = importlib.resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside the interpreter
     args = [
         "protoc",
         f"-I{PROTOS}",
         f"-I{well_known}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--mypy_out={out}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_grpc_out={out}",
         *sources,
     ]
     if protoc.main(args) != 0:

@@ -16,7 +16,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gateway import client
 from gateway.demo.network import DemoNetwork, NetworkLayout, write_network
+from gateway.principal import Purpose
+
+PURPOSE = Purpose("investigation", "OP-TEST-0001", "integration test")
 
 T = TypeVar("T")
 
@@ -49,6 +53,29 @@ class NetworkThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+    def manifest(self) -> Path:
+        """The network's demo.json (written on first use)."""
+        path = self.layout.root / "demo.json"
+        if not path.exists():
+            self.network.write_manifest()
+        return path
+
+    def officer_channel(
+        self,
+        force: str,
+        *,
+        units: tuple[str, ...] = ("serocu",),
+        roles: tuple[str, ...] = ("investigator",),
+        clearance: str = "SC",
+        officer: str = "DC-2001",
+        purpose: Purpose | None = PURPOSE,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> grpc.Channel:
+        """A channel to `force`'s local listener as its client app, with an officer token and purpose."""
+        endpoint = client.from_manifest(self.manifest(), force)
+        token = endpoint.unsafe_dev_token(officer=officer, units=units, roles=roles, clearance=clearance)
+        return endpoint.secure_channel(token=token, purpose=purpose, options=options or ())
 
     def channel(
         self,

@@ -222,15 +222,15 @@ class _AppKind:
 
 
 def _register_intel(allowed: str, server: grpc.aio.Server) -> None:
-    intel_pb2_grpc.add_IntelligenceSearchServicer_to_server(IntelligenceSearch(allowed), server)  # type: ignore[no-untyped-call]  # generated code has no annotations
+    intel_pb2_grpc.add_IntelligenceSearchServicer_to_server(IntelligenceSearch(allowed), server)
 
 
 def _register_custody(allowed: str, server: grpc.aio.Server) -> None:
-    custody_pb2_grpc.add_CustodyRecordsServicer_to_server(CustodyRecords(allowed), server)  # type: ignore[no-untyped-call]  # generated code has no annotations
+    custody_pb2_grpc.add_CustodyRecordsServicer_to_server(CustodyRecords(allowed), server)
 
 
 def _register_casefiles(allowed: str, server: grpc.aio.Server) -> None:
-    casefiles_pb2_grpc.add_CaseFilesServicer_to_server(CaseFiles(allowed), server)  # type: ignore[no-untyped-call]  # generated code has no annotations
+    casefiles_pb2_grpc.add_CaseFilesServicer_to_server(CaseFiles(allowed), server)
 
 
 def _register_echo(allowed: str, server: grpc.aio.Server) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -218,3 +219,17 @@ def test_certificate_expiring_is_reported(world: World) -> None:
     soon = store.expiring({"tls": cert}, cert.not_valid_after_utc.timestamp() - 86400 * 3, 14)
     assert [(label, round(days)) for label, days in soon] == [("tls", 3)]
     assert store.expiring({"tls": cert}, (datetime.now(UTC) - timedelta(days=1)).timestamp(), 14) == []
+
+
+def test_corrupted_certificates_are_refused_cleanly(world: World) -> None:
+    # Any single-byte change of a good certificate is refused as Unauthenticated, never another exception.
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    store = world.store()
+    good = x509.load_pem_x509_certificate(world.cases["valid-app-client"].cert_path.read_bytes())
+    der = good.public_bytes(Encoding.DER)
+    for i in range(0, len(der), 3):
+        mangled = bytearray(der)
+        mangled[i] ^= 0x41
+        with contextlib.suppress(Unauthenticated, RevocationDataUnavailable):
+            store.verify(bytes(mangled), Usage.CLIENT, now())
