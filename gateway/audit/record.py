@@ -1,0 +1,320 @@
+"""Audit records: what one call (or one look at the log) leaves behind, and its canonical bytes.
+
+An `AuditRecord` holds every field a DPA 2018 s62 auditor asks about: when, which gateway, who
+(the officer, their force, units, roles and vetting), why (the justification code, case reference
+and text), what (application, method, call type, host force, digests of the messages), to whom
+(the recipients), the decision (allowed or not, the rule, the policy version) and how it ended
+(status, the full internal refusal reason, latency), plus both envelope signatures. A record of
+event ``audit-access`` says who read the log and for which of the four purposes s62(4) allows.
+
+`AuditRecord.encode` gives the canonical bytes: JSON with sorted keys, no insignificant
+whitespace, ASCII only (everything else escaped), every field present, and a version field ``v``.
+Those bytes are what the store keeps and what the Merkle tree hashes; nothing ever re-serialises
+a record to verify it. `AuditRecord.decode` is for display and queries: it is strict (the input
+must be exactly the canonical encoding of a valid record) and raises only `RecordError`.
+
+Owns: the record's fields, their validation and the byte encoding. Does not own: where records
+are stored (`gateway.audit.store`) or hashed (`gateway.audit.merkle`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ACCESS_PURPOSES",
+    "EVENTS",
+    "MAX_RECORD_BYTES",
+    "RECORD_VERSION",
+    "STATUS_NAMES",
+    "AuditRecord",
+    "RecordError",
+    "format_time",
+    "parse_time",
+]
+
+#: The version written in every record's ``v`` field; `decode` accepts only this one.
+RECORD_VERSION = 1
+
+#: No record's encoding may be larger than this (a sanity bound: real records are about 1 KiB).
+MAX_RECORD_BYTES = 1 << 20
+
+#: The kinds of record: a unary call, a stream opening or closing, and a read of the log itself.
+EVENTS = ("call", "stream-open", "stream-close", "audit-access")
+
+#: The four purposes for which DPA 2018 s62(4) lets logs be used, by the code the tools accept.
+ACCESS_PURPOSES: Mapping[str, str] = {
+    "lawfulness": "verifying the lawfulness of processing",
+    "self-monitoring": "self-monitoring",
+    "integrity": "ensuring the integrity and security of personal data",
+    "criminal-proceedings": "criminal proceedings",
+}
+
+#: gRPC status code names, as the ``status`` field writes them.
+STATUS_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+_CALL_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_MAX_COUNT = (1 << 63) - 1
+
+
+class RecordError(ConfigError):
+    """A record is malformed: a field has a wrong type or value, or bytes are not a canonical record.
+
+    For the auditors' tools a log holding such bytes is a bad input file, hence a `ConfigError`.
+    """
+
+
+def format_time(epoch: float) -> str:
+    """Render seconds since the Unix epoch as the record time: UTC, ISO 8601, microseconds, ``Z``."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float:
+    """Parse a record time (or any ISO 8601 time with a zone) into seconds since the epoch.
+
+    A time without a zone is refused rather than guessed. Raises `RecordError`.
+    """
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise RecordError(f"{text!r} is not an ISO 8601 time", field="time") from exc
+    if parsed.tzinfo is None:
+        raise RecordError(f"{text!r} has no time zone (write Z for UTC)", field="time")
+    return parsed.timestamp()
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit record. Fields other than event, time, gateway and force default to empty.
+
+    Construction validates every field (types, enumerations, formats), so a record that exists
+    can always be encoded. `index` is the record's position in the log; the store sets it when it
+    sequences the record, and a record handed to the store has none.
+    """
+
+    #: "call", "stream-open", "stream-close" or "audit-access"
+    event: str
+    #: when the record was made: UTC, ISO 8601 with microseconds and Z (`format_time`)
+    time: str
+    #: the recording gateway's SPIFFE ID
+    gateway: str
+    #: the recording gateway's force
+    force: str
+    #: the position in the log, set by the store
+    index: int | None = None
+    request_id: str = ""
+    #: the TLS peer's SPIFFE ID
+    peer: str = ""
+    origin_force: str = ""
+    origin_gateway: str = ""
+    officer_id: str = ""
+    units: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    clearance: str = ""
+    #: the justification code, case or incident reference and free text (s62)
+    purpose_code: str = ""
+    purpose_case: str = ""
+    purpose_text: str = ""
+    application: str = ""
+    method: str = ""
+    call_type: str = ""
+    host_force: str = ""
+    #: who received the data: the origin force and its units
+    recipients: tuple[str, ...] = ()
+    #: True allowed, False denied, None: no decision was reached (refused earlier)
+    decision_allowed: bool | None = None
+    decision_rule: str = ""
+    policy_version: str = ""
+    decision_id: str = ""
+    #: the gRPC status name the caller got
+    status: str = ""
+    refusal_stage: str = ""
+    #: the full, internal reason (never shown to the caller)
+    refusal_reason: str = ""
+    latency_ms: float = 0.0
+    #: hex digests of the request and response messages
+    request_digest: str = ""
+    response_digest: str = ""
+    request_messages: int = 0
+    response_messages: int = 0
+    #: base64 signatures of the request envelope and the response seal
+    envelope_signature: str = ""
+    seal_signature: str = ""
+    #: audit-access only: who looked, why (a key of ACCESS_PURPOSES) and with which command
+    accessor: str = ""
+    access_purpose: str = ""
+    access_command: str = ""
+
+    def __post_init__(self) -> None:
+        values = self.__dict__
+        for name in _STR_FIELDS:
+            if not isinstance(values[name], str):
+                raise RecordError(f"must be a string, got {type(values[name]).__name__}", field=name)
+        for name in _TUPLE_FIELDS:
+            value = values[name]
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise RecordError("must be a list of strings", field=name)
+        for name in _INT_FIELDS:
+            value = values[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_COUNT:
+                raise RecordError(f"must be a non-negative integer, got {value!r}", field=name)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        if self.event not in EVENTS:
+            raise RecordError(f"{self.event!r} is not one of {', '.join(EVENTS)}", field="event")
+        if not _TIME.fullmatch(self.time):
+            raise RecordError(f"{self.time!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ", field="time")
+        parse_time(self.time)
+        for name in ("gateway", "force"):
+            if not getattr(self, name):
+                raise RecordError("must not be empty", field=name)
+        if self.index is not None and (
+            not isinstance(self.index, int) or isinstance(self.index, bool) or not 0 <= self.index <= _MAX_COUNT
+        ):
+            raise RecordError(f"must be a non-negative integer or null, got {self.index!r}", field="index")
+        if self.decision_allowed is not None and not isinstance(self.decision_allowed, bool):
+            raise RecordError("must be true, false or null", field="decision_allowed")
+        latency = self.latency_ms
+        if isinstance(latency, int) and not isinstance(latency, bool):
+            latency = float(latency)
+            object.__setattr__(self, "latency_ms", latency)
+        if not isinstance(latency, float) or not math.isfinite(latency) or latency < 0:
+            raise RecordError(f"must be a finite, non-negative number, got {latency!r}", field="latency_ms")
+        self._check_formats()
+        self._check_access()
+
+    def _check_formats(self) -> None:
+        if self.status and self.status not in STATUS_NAMES:
+            raise RecordError(f"{self.status!r} is not a gRPC status name", field="status")
+        if self.call_type and self.call_type not in _CALL_TYPES:
+            raise RecordError(f"{self.call_type!r} is not one of {', '.join(_CALL_TYPES)}", field="call_type")
+        for name in ("request_digest", "response_digest"):
+            if not _HEX.fullmatch(getattr(self, name)):
+                raise RecordError("must be lower-case hex", field=name)
+        for name in ("envelope_signature", "seal_signature"):
+            if not _BASE64.fullmatch(getattr(self, name)):
+                raise RecordError("must be standard, padded base64", field=name)
+
+    def _check_access(self) -> None:
+        if self.event == "audit-access":
+            if not self.accessor:
+                raise RecordError("an audit-access record names the accessor", field="accessor")
+            if self.access_purpose not in ACCESS_PURPOSES:
+                raise RecordError(
+                    f"{self.access_purpose!r} is not one of {', '.join(ACCESS_PURPOSES)}", field="access_purpose"
+                )
+        elif self.accessor or self.access_purpose or self.access_command:
+            raise RecordError(f"only audit-access records have access fields, not {self.event!r}", field="accessor")
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (lists for tuples), without the version field."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _TUPLE_FIELDS:
+            out[name] = list(out[name])
+        return out
+
+    def encode(self) -> bytes:
+        """The canonical bytes: sorted-key JSON, no whitespace, ASCII only, with ``"v": 1``.
+
+        Raises `RecordError` if the encoding is larger than `MAX_RECORD_BYTES`.
+        """
+        obj = dict(self.__dict__)  # tuples encode as JSON arrays
+        obj["v"] = RECORD_VERSION
+        data = _ENCODER.encode(obj).encode("ascii")
+        if len(data) > MAX_RECORD_BYTES:
+            raise RecordError(f"encoded record is {len(data)} bytes, more than {MAX_RECORD_BYTES}")
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes) -> AuditRecord:
+        """Parse canonical record bytes; raise `RecordError` for anything else.
+
+        For display and queries only: verification hashes the stored bytes, never these values.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise RecordError(f"a record is bytes, not {type(data).__name__}")
+        raw = bytes(data)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise RecordError(f"record is {len(raw)} bytes, more than {MAX_RECORD_BYTES}")
+        try:
+            text = raw.decode("ascii")
+            # Duplicate keys need no hook: one collapses the other, and the canonical check below
+            # then fails, since no record encodes to bytes holding a key twice.
+            obj = json.loads(text, parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RecordError(f"not a canonical record: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise RecordError("not a canonical record: not a JSON object")
+        version = obj.pop("v", None)
+        if version != RECORD_VERSION or isinstance(version, bool):
+            raise RecordError(f"unsupported record version {version!r}", field="v")
+        if obj.keys() != _FIELD_NAMES:
+            unknown = sorted(set(obj) - _FIELD_NAMES)
+            if unknown:
+                raise RecordError(f"unknown field(s): {', '.join(unknown)}")
+            raise RecordError(f"missing field(s): {', '.join(sorted(_FIELD_NAMES - set(obj)))}")
+        record = cls(**obj)
+        if record.encode() != raw:
+            raise RecordError("not a canonical record: the bytes are not exactly its canonical encoding")
+        return record
+
+    def with_index(self, index: int) -> AuditRecord:
+        """A copy of this record at position `index` of the log.
+
+        Only the index changes, and it is checked here, so the copy skips re-validating the rest
+        (the store calls this once per record in its writer thread).
+        """
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= _MAX_COUNT:
+            raise RecordError(f"must be a non-negative integer, got {index!r}", field="index")
+        copy = object.__new__(AuditRecord)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["index"] = index
+        return copy
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_FIELD_NAMES = frozenset(f.name for f in fields(AuditRecord))
+_TUPLE_FIELDS = ("units", "roles", "recipients")
+_INT_FIELDS = ("request_messages", "response_messages")
+_STR_FIELDS = tuple(
+    sorted(_FIELD_NAMES - set(_TUPLE_FIELDS) - set(_INT_FIELDS) - {"index", "decision_allowed", "latency_ms"})
+)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

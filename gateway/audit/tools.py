@@ -1,0 +1,1082 @@
+"""The auditors' tools: query, verify, prove, export, verify a bundle, and statistics.
+
+Each tool reads a log and never changes a record. An offline copy is opened read-only (SQLite
+``mode=ro``). A gateway's live log (`gateway.audit.store.is_live`: a process holds its lock file)
+may only be read by a named auditor for one of the four purposes DPA 2018 s62(4) allows, and the
+tool first appends an ``audit-access`` record saying so (`open_for_audit`), durably, before it
+shows anything: reading the log is itself on the record.
+
+Which keys a verification trusts (`TrustAnchors`) is the auditor's choice, never the log's: a log
+carries its own keys and certificates, but someone able to rewrite the log could rewrite those too.
+So `verify` and `verify-bundle` need one of:
+
+- ``--directory FILE``: the network directory; the log and witness certificates stored with the
+  log (or bundle) are checked against the forces' CA certificates (and CRLs, where the directory
+  names them) at ``--at`` (default: now), and their keys are trusted if the certificates are;
+- ``--log-cert PEM``: a log certificate the auditor holds; its key is trusted as that force's log
+  key and as that force's witness key (a force's witness cosigns with its log key);
+- ``--vkey VKEY``: a note verifier key (``name+id+key``), of a log (type 0x01) or a witness (0x04);
+- ``--unsafe-stored-keys``: trust whatever keys the log itself carries (checks internal
+  consistency only; named for what it is).
+
+Findings are listed in this order: records (by index), keys, checkpoints (by size), cosignatures;
+the first one names the first bad record or checkpoint. Consistency between consecutive
+checkpoints is checked with proofs from the recomputed tree (a cross-check: two checkpoints that
+both match the recomputed tree are consistent by construction).
+
+Owns: what each tool computes and returns (values and reports). Does not own: argument parsing
+and printing (`gateway.audit.cli`), the database layout (`gateway.audit.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gateway.audit.merkle import MerkleTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
+from gateway.audit.note import (
+    Checkpoint,
+    CosignatureVerifier,
+    Note,
+    NoteError,
+    NoteSignature,
+    NoteVerifier,
+    parse_note,
+    parse_signature_lines,
+    verify_note,
+)
+from gateway.audit.record import ACCESS_PURPOSES, STATUS_NAMES, AuditRecord, RecordError, format_time
+from gateway.audit.store import (
+    AppendResult,
+    AuditConfig,
+    AuditLog,
+    LogReader,
+    RecordFinding,
+    StoredCheckpoint,
+    StoredCosignature,
+    embedded_index,
+    first_divergence,
+    is_live,
+    scan_records,
+)
+from gateway.clock import Clock
+from gateway.directory import load_directory
+from gateway.errors import ConfigError, GatewayError
+from gateway.identity import TrustStore, Usage, load_certificate, load_trust_store, parse_spiffe_id
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "COMMAND_LINE",
+    "AccessRequest",
+    "Finding",
+    "QueryFilter",
+    "TrustAnchors",
+    "VerifyReport",
+    "export_bundle",
+    "load_anchors",
+    "open_for_audit",
+    "parse_when",
+    "prove",
+    "query",
+    "read_bundle",
+    "record_access",
+    "stats",
+    "verify_bundle",
+    "verify_log",
+    "write_bundle",
+]
+
+#: Where a `ConfigError` about an option says the mistake is.
+COMMAND_LINE = "command line"
+
+#: The ``format`` field of every exported bundle.
+BUNDLE_FORMAT = "psn-gateway-audit-bundle/1"
+
+_TIME_KEY = b'"time":"'
+_TIME_LEN = len("2026-01-01T00:00:00.000000Z")
+
+
+def parse_when(text: str, what: str = "time") -> float:
+    """Parse a time given on the command line: ``YYYY-MM-DD`` (UTC midnight) or ISO 8601 with a zone."""
+    try:
+        if len(text) == 10:
+            return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{text!r} is not a date (YYYY-MM-DD) or an ISO 8601 time", file=COMMAND_LINE, field=f"--{what}"
+        ) from exc
+    if parsed.tzinfo is None:
+        raise ConfigError(f"{text!r} has no time zone: add Z for UTC", file=COMMAND_LINE, field=f"--{what}")
+    return parsed.timestamp()
+
+
+def _record_time(data: bytes) -> str:
+    """The ``time`` field of canonical record bytes, found without decoding (see `embedded_index`)."""
+    at = data.find(_TIME_KEY)
+    if at < 0:
+        return ""
+    start = at + len(_TIME_KEY)
+    return data[start : start + _TIME_LEN].decode("ascii", "replace")
+
+
+def _in_range(stamp: str, since: str | None, until: str | None) -> bool:
+    # Record times are fixed-width UTC, so string order is time order.
+    return (since is None or stamp >= since) and (until is None or stamp < until)
+
+
+def _decode(index: int, data: bytes) -> AuditRecord:
+    try:
+        return AuditRecord.decode(data)
+    except RecordError as exc:
+        raise ConfigError(f"record {index} is not a valid record ({exc.message}): run `psngw audit verify`") from exc
+
+
+# -- access to a live log -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    """Who reads a live log, for which s62(4) purpose (a key of ACCESS_PURPOSES), with which command."""
+
+    accessor: str
+    purpose: str
+    command: str
+
+    def __post_init__(self) -> None:
+        if not self.accessor.strip():
+            raise ConfigError("name the auditor (--auditor ID)", file=COMMAND_LINE, field="--auditor")
+        if self.purpose not in ACCESS_PURPOSES:
+            raise ConfigError(
+                f"{self.purpose!r} is not one of {', '.join(ACCESS_PURPOSES)}", file=COMMAND_LINE, field="--purpose"
+            )
+
+
+def record_access(db: Path, origin: str, access: AccessRequest, clock: Clock) -> AppendResult:
+    """Append an audit-access record to the live log at `db` and wait until it is durable."""
+    domain = origin.removesuffix("/audit")
+    record = AuditRecord(
+        event="audit-access",
+        time=format_time(clock.now()),
+        gateway=f"spiffe://{domain}/gateway",
+        force=domain.split(".", 1)[0],
+        request_id=os.urandom(16).hex(),
+        accessor=access.accessor,
+        access_purpose=access.purpose,
+        access_command=access.command,
+    )
+    log = AuditLog(AuditConfig(db=db), origin=origin, signer=None, clock=clock, checkpointer=False)
+    log.open()
+    try:
+        return log.append_blocking(record)
+    finally:
+        log.close_blocking()
+
+
+def open_for_audit(
+    db: Path | str, access: AccessRequest | None, *, clock: Clock
+) -> tuple[LogReader, AppendResult | None]:
+    """Open a log for reading; if it is a gateway's live log, first record the access durably.
+
+    Returns the reader and the access record's result (None for an offline copy). A live log read
+    without `access` is refused with a `ConfigError`.
+    """
+    db = Path(db)
+    reader = LogReader.open(db)
+    if not is_live(db):
+        return reader, None
+    try:
+        if access is None:
+            raise ConfigError(
+                "this is a gateway's live log: reading it is recorded, so say who you are and why"
+                f" (--auditor ID --purpose {{{','.join(ACCESS_PURPOSES)}}}), or work on a copy",
+                file=db,
+            )
+        result = record_access(db, reader.origin, access, clock)
+    except BaseException:
+        reader.close()
+        raise
+    return reader, result
+
+
+# -- query ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryFilter:
+    """Which records to show; every filter given must match. `since` is inclusive, `until` exclusive."""
+
+    officer: str | None = None
+    unit: str | None = None
+    origin_force: str | None = None
+    application: str | None = None
+    method: str | None = None
+    #: "allow", "deny" or "none" (no decision reached)
+    decision: str | None = None
+    status: str | None = None
+    since: float | None = None
+    until: float | None = None
+    request_id: str | None = None
+    event: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decision is not None and self.decision not in ("allow", "deny", "none"):
+            raise ConfigError(f"{self.decision!r} is not allow, deny or none", file=COMMAND_LINE, field="--decision")
+        if self.status is not None and self.status.upper() not in STATUS_NAMES:
+            raise ConfigError(f"{self.status!r} is not a gRPC status name", file=COMMAND_LINE, field="--status")
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ConfigError("--until must be after --since", file=COMMAND_LINE, field="--until")
+
+    def _needles(self) -> list[bytes]:
+        """Byte strings every matching record's canonical bytes must contain (a cheap pre-filter)."""
+        pairs = {
+            "officer_id": self.officer,
+            "origin_force": self.origin_force,
+            "application": self.application,
+            "method": self.method,
+            "request_id": self.request_id,
+            "event": self.event,
+            "status": self.status.upper() if self.status else None,
+        }
+        out = [_field_bytes(k, v) for k, v in pairs.items() if v is not None]
+        if self.unit is not None:
+            out.append(json.dumps(self.unit, ensure_ascii=True).encode("ascii"))
+        return out
+
+    def matches(self, r: AuditRecord) -> bool:
+        """Whether record `r` passes every filter."""
+        checks: list[tuple[str | None, Any]] = [
+            (self.officer, r.officer_id),
+            (self.origin_force, r.origin_force),
+            (self.application, r.application),
+            (self.method, r.method),
+            (self.request_id, r.request_id),
+            (self.event, r.event),
+            (self.status.upper() if self.status else None, r.status),
+        ]
+        if any(want is not None and want != got for want, got in checks):
+            return False
+        if self.unit is not None and self.unit not in r.units:
+            return False
+        if self.decision is not None:
+            got = {True: "allow", False: "deny", None: "none"}[r.decision_allowed]
+            if got != self.decision:
+                return False
+        return _in_range(r.time, _stamp(self.since), _stamp(self.until))
+
+
+def _field_bytes(key: str, value: str) -> bytes:
+    return f'"{key}":'.encode("ascii") + json.dumps(value, ensure_ascii=True).encode("ascii")
+
+
+def _stamp(when: float | None) -> str | None:
+    return None if when is None else format_time(when)
+
+
+def query(reader: LogReader, flt: QueryFilter, *, limit: int | None = None) -> list[AuditRecord]:
+    """The records that match `flt`, in log order (each with its index), at most `limit`."""
+    needles = flt._needles()
+    since, until = _stamp(flt.since), _stamp(flt.until)
+    out: list[AuditRecord] = []
+    for index, _, data in reader.rows():
+        if not all(n in data for n in needles):
+            continue
+        if (since or until) and not _in_range(_record_time(data), since, until):
+            continue
+        record = _decode(index, data)
+        if flt.matches(record):
+            out.append(record)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+# -- keys the auditor trusts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """The keys a verification trusts, and how they were chosen (see the module docstring)."""
+
+    log_verifiers: tuple[NoteVerifier, ...] = ()
+    witness_verifiers: tuple[CosignatureVerifier, ...] = ()
+    trust_store: TrustStore | None = None
+    #: the time at which certificates are checked
+    at: float = 0.0
+    #: trust the keys the log or bundle carries (unsafe: internal consistency only)
+    stored_keys: bool = False
+
+    def describe(self) -> str:
+        """One line: where trust comes from."""
+        parts = []
+        if self.trust_store is not None:
+            parts.append(f"certificates checked against the directory's CAs at {format_time(self.at)}")
+        if self.log_verifiers or self.witness_verifiers:
+            parts.append(f"{len(self.log_verifiers) + len(self.witness_verifiers)} key(s) given")
+        if self.stored_keys:
+            parts.append("UNSAFE: the keys stored with the log are trusted as they are")
+        return "; ".join(parts)
+
+
+def load_anchors(
+    *,
+    directory: Path | None = None,
+    log_certs: Sequence[Path] = (),
+    vkeys: Sequence[str] = (),
+    unsafe_stored_keys: bool = False,
+    at: float,
+) -> TrustAnchors:
+    """Build the trust anchors from the command line options; `ConfigError` on bad input or none."""
+    if directory is None and not log_certs and not vkeys and not unsafe_stored_keys:
+        raise ConfigError(
+            "say which keys to trust: --directory FILE, --log-cert PEM or --vkey VKEY"
+            " (or --unsafe-stored-keys to check only the log's internal consistency)",
+            file=COMMAND_LINE,
+        )
+    logs: list[NoteVerifier] = []
+    witnesses: list[CosignatureVerifier] = []
+    for path in log_certs:
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", file=path) from exc
+        try:
+            domain, key = _log_certificate_key(pem)
+        except GatewayError as exc:
+            raise ConfigError(f"not a log certificate: {exc.reason}", file=path) from exc
+        logs.append(NoteVerifier(f"{domain}/audit", key))
+        witnesses.append(CosignatureVerifier(f"{domain}/witness", key))
+    for vkey in vkeys:
+        try:
+            logs.append(NoteVerifier.from_vkey(vkey))
+        except NoteError:
+            try:
+                witnesses.append(CosignatureVerifier.from_vkey(vkey))
+            except NoteError as exc:
+                raise ConfigError(
+                    f"{vkey!r} is not a note or cosignature verifier key", file=COMMAND_LINE, field="--vkey"
+                ) from exc
+    store = None
+    if directory is not None:
+        store = load_trust_store(load_directory(directory), require_crl=False)
+    return TrustAnchors(tuple(logs), tuple(witnesses), store, at, unsafe_stored_keys)
+
+
+def _log_certificate_key(pem: bytes) -> tuple[str, Ed25519PublicKey]:
+    """The trust domain and Ed25519 key of a log certificate (``spiffe://<domain>/log``), unverified."""
+    cert = load_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise ConfigError("the certificate has no SPIFFE ID") from exc
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise ConfigError("the certificate must carry exactly one SPIFFE ID")
+    spiffe = parse_spiffe_id(uris[0])
+    if spiffe.path != "/log":
+        raise ConfigError(f"{spiffe} is not a log identity (spiffe://<force>.<network>/log)")
+    key = cert.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError("a log key is Ed25519")
+    return spiffe.trust_domain, key
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong: what (``record``, ``key``, ``checkpoint``, ``cosignature``, ``bundle``), where, and why."""
+
+    kind: str
+    position: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class _Keys:
+    """The keys a verification uses: trusted ones, and the carried witness keys that are not trusted."""
+
+    logs: list[NoteVerifier] = field(default_factory=list)
+    witnesses: list[CosignatureVerifier] = field(default_factory=list)
+    untrusted_witnesses: list[CosignatureVerifier] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+
+def _resolve_keys(
+    origin: str,
+    log_keys: Iterable[tuple[str, bytes | None]],
+    witness_keys: Iterable[tuple[str, str, bytes | None]],
+    anchors: TrustAnchors,
+) -> _Keys:
+    """Decide which carried keys are trusted under `anchors`; a carried key that fails its check is a finding."""
+    keys = _Keys(list(anchors.log_verifiers), list(anchors.witness_verifiers))
+    for vkey, cert in log_keys:
+        try:
+            verifier = NoteVerifier.from_vkey(vkey)
+        except NoteError as exc:
+            keys.findings.append(Finding("key", 0, f"log key {vkey!r} is malformed: {exc.reason}"))
+            continue
+        if verifier.name != origin:
+            keys.findings.append(Finding("key", 0, f"log key {vkey!r} is not named after the log ({origin})"))
+            continue
+        if _trusted(verifier.public_key, verifier.name, cert, anchors, keys, role="log"):
+            keys.logs.append(verifier)
+    for name, vkey, cert in witness_keys:
+        try:
+            witness = CosignatureVerifier.from_vkey(vkey)
+        except NoteError as exc:
+            keys.findings.append(Finding("key", 0, f"witness key {vkey!r} is malformed: {exc.reason}"))
+            continue
+        if witness.name != name:
+            keys.findings.append(Finding("key", 0, f"witness key {vkey!r} is stored under another name, {name!r}"))
+            continue
+        target = keys.witnesses if _trusted(witness.public_key, name, cert, anchors, keys, role="witness") else None
+        (target if target is not None else keys.untrusted_witnesses).append(witness)
+    return keys
+
+
+def _trusted(
+    key: Ed25519PublicKey, name: str, cert: bytes | None, anchors: TrustAnchors, keys: _Keys, *, role: str
+) -> bool:
+    """Whether a carried key is trusted: stored keys are (unsafe mode), or its certificate checks out."""
+    if anchors.stored_keys:
+        return True
+    if anchors.trust_store is None or cert is None:
+        return False
+    domain = name.rsplit("/", 1)[0]
+    try:
+        identity = anchors.trust_store.verify(cert, Usage.LOG, anchors.at)
+        if identity.spiffe_id != f"spiffe://{domain}/log":
+            raise ConfigError(f"the certificate is for {identity.spiffe_id}, not spiffe://{domain}/log")
+        if load_certificate(cert).public_key() != key:
+            raise ConfigError("the certificate is for another key")
+    except GatewayError as exc:
+        keys.findings.append(Finding("key", 0, f"{role} key {name}: its certificate is not trusted: {exc.reason}"))
+        return False
+    return True
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of `verify_log` or `verify_bundle`: figures, findings (empty if all is well) and notes."""
+
+    origin: str
+    records: int
+    checkpoints: int
+    last_checkpoint: int
+    #: cosignatures verified with a trusted witness key
+    cosignatures: int
+    #: cosignatures that verify with a key the log carries but the auditor did not trust
+    untrusted_cosignatures: int
+    #: the witnesses (trusted) that cosigned the last checkpoint
+    witnesses: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    notes: tuple[str, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no finding."""
+        return not self.findings
+
+    @property
+    def first(self) -> Finding | None:
+        """The first bad record or checkpoint."""
+        return self.findings[0] if self.findings else None
+
+    @property
+    def records_per_second(self) -> float:
+        """Verification speed."""
+        return self.records / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        return {
+            "ok": self.ok,
+            "origin": self.origin,
+            "records": self.records,
+            "checkpoints": self.checkpoints,
+            "last_checkpoint": self.last_checkpoint,
+            "cosignatures": self.cosignatures,
+            "untrusted_cosignatures": self.untrusted_cosignatures,
+            "witnesses": list(self.witnesses),
+            "first": self.first.message if self.first else None,
+            "findings": [{"kind": f.kind, "position": f.position, "message": f.message} for f in self.findings],
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _CheckpointCheck:
+    """What `_check_checkpoint_note` learnt: the parsed checkpoint, if signed by a trusted key."""
+
+    checkpoint: Checkpoint | None
+    note: Note | None
+    finding: Finding | None
+
+
+def _check_checkpoint_note(origin: str, size: int, root: bytes, text: bytes, keys: _Keys) -> _CheckpointCheck:
+    try:
+        note = parse_note(text)
+        checkpoint = Checkpoint.parse(note.body)
+    except NoteError as exc:
+        return _CheckpointCheck(None, None, Finding("checkpoint", size, f"checkpoint {size}: malformed: {exc.reason}"))
+    if (checkpoint.origin, checkpoint.size, checkpoint.root_hash) != (origin, size, root):
+        return _CheckpointCheck(
+            None,
+            note,
+            Finding(
+                "checkpoint",
+                size,
+                f"checkpoint {size}: its signed text (origin {checkpoint.origin}, size {checkpoint.size}) does not"
+                " match where it is stored: the checkpoint was replaced",
+            ),
+        )
+    for verifier in keys.logs:
+        try:
+            verify_note(note, verifier)
+        except NoteError:
+            continue
+        return _CheckpointCheck(checkpoint, note, None)
+    return _CheckpointCheck(
+        None,
+        note,
+        Finding("checkpoint", size, f"checkpoint {size}: not validly signed by a trusted key of log {origin}"),
+    )
+
+
+def _check_cosignature(
+    body: bytes, sig: NoteSignature, keys: _Keys, size: int, witness: str | None = None
+) -> tuple[str, Finding | None]:
+    """Verify one cosignature: ("trusted" | "untrusted" | "bad", finding)."""
+    if witness is not None and sig.name != witness:
+        return "bad", Finding(
+            "cosignature", size, f"checkpoint {size}: a cosignature stored for {witness} is signed as {sig.name}"
+        )
+    for pool, verdict in ((keys.witnesses, "trusted"), (keys.untrusted_witnesses, "untrusted")):
+        for verifier in pool:
+            if verifier.matches(sig):
+                try:
+                    verifier.verify(body, sig)
+                except NoteError:
+                    return "bad", Finding(
+                        "cosignature",
+                        size,
+                        f"checkpoint {size}: the cosignature by {sig.name} does not verify: forged or altered",
+                    )
+                return verdict, None
+    return "bad", Finding(
+        "cosignature", size, f"checkpoint {size}: cosignature by {sig.name}: no key for it is known or stored"
+    )
+
+
+def verify_log(reader: LogReader, anchors: TrustAnchors) -> VerifyReport:
+    """Recompute the tree from the stored bytes and check every checkpoint and cosignature against it."""
+    started = time.perf_counter()
+    with reader.snapshot():
+        origin = reader.origin
+        hashes, record_findings, _ = scan_records(reader.rows())
+        tree = MerkleTree(hashes)
+        keys = _resolve_keys(origin, reader.log_keys(), reader.witness_keys(), anchors)
+        checkpoints = reader.checkpoints()
+        cosignatures = reader.cosignatures()
+        quarantined = reader.quarantined()
+    findings = [Finding("record", f.index, f.message) for f in record_findings]
+    findings += keys.findings
+    notes: list[str] = []
+    if not keys.logs:
+        findings.append(
+            Finding("key", 0, f"no trusted key of log {origin}: nothing can be verified ({anchors.describe()})")
+        )
+    verified: list[tuple[int, bytes]] = []
+    cp_findings: list[Finding] = []
+    for cp in checkpoints:
+        result = _check_checkpoint_note(origin, cp.size, cp.root, cp.note, keys)
+        if result.finding is not None:
+            cp_findings.append(result.finding)
+            continue
+        if result.checkpoint is not None:
+            verified.append((cp.size, cp.root))
+    cp_findings += _check_against_tree(tree, verified, record_findings)
+    trusted_count, untrusted_count, witnesses, cosig_findings = _check_stored_cosignatures(
+        checkpoints, cosignatures, keys
+    )
+    findings += sorted(cp_findings, key=lambda f: f.position) + cosig_findings
+    last = checkpoints[-1].size if checkpoints else 0
+    if tree.size > last:
+        notes.append(f"records {last}..{tree.size - 1} are not yet covered by a checkpoint")
+    if not checkpoints:
+        notes.append("the log has no checkpoint")
+    if quarantined:
+        notes.append(f"{quarantined} row(s) were quarantined at startup as a torn tail (see the quarantine table)")
+    return VerifyReport(
+        origin=origin,
+        records=tree.size,
+        checkpoints=len(checkpoints),
+        last_checkpoint=last,
+        cosignatures=trusted_count,
+        untrusted_cosignatures=untrusted_count,
+        witnesses=witnesses,
+        findings=tuple(findings),
+        notes=tuple(notes),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_against_tree(
+    tree: MerkleTree, verified: list[tuple[int, bytes]], record_findings: Sequence[RecordFinding]
+) -> list[Finding]:
+    """Each trusted checkpoint's root against the recomputed tree, and consecutive ones' consistency."""
+    out: list[Finding] = []
+    previous: tuple[int, bytes] | None = None
+    explained = bool(record_findings)
+    for size, root in verified:
+        if size > tree.size:
+            out.append(
+                Finding(
+                    "checkpoint",
+                    size,
+                    f"checkpoint {size} covers records the log does not hold: records {tree.size}..{size - 1}"
+                    " are missing (the tail was truncated)",
+                )
+            )
+            continue
+        if tree.root(size) != root:
+            where = first_divergence(tree, [v for v in verified if v[0] <= size])
+            span = f"records {where[0]}..{where[1] - 1}" if where else "the records"
+            cause = "" if explained else f"; the first altered record is among {span}"
+            out.append(
+                Finding("checkpoint", size, f"checkpoint {size}: the stored records do not hash to its root{cause}")
+            )
+            continue
+        if previous is not None and previous[0] > 0:
+            try:
+                proof = tree.consistency_proof(previous[0], size)
+                verify_consistency(previous[0], size, proof, previous[1], root)
+            except ProofError as exc:
+                out.append(
+                    Finding(
+                        "checkpoint",
+                        size,
+                        f"checkpoint {size}: not consistent with checkpoint {previous[0]}: {exc.reason}",
+                    )
+                )
+        previous = (size, root)
+    return out
+
+
+def _check_stored_cosignatures(
+    checkpoints: Sequence[StoredCheckpoint], cosignatures: Sequence[StoredCosignature], keys: _Keys
+) -> tuple[int, int, tuple[str, ...], list[Finding]]:
+    by_size = {cp.size: cp for cp in checkpoints}
+    trusted = untrusted = 0
+    findings: list[Finding] = []
+    last = checkpoints[-1].size if checkpoints else None
+    last_witnesses: list[str] = []
+    for cosig in cosignatures:
+        cp = by_size.get(cosig.size)
+        if cp is None:
+            findings.append(
+                Finding(
+                    "cosignature",
+                    cosig.size,
+                    f"a cosignature by {cosig.witness} is stored for a checkpoint of size {cosig.size} that does not"
+                    " exist",
+                )
+            )
+            continue
+        try:
+            sigs = parse_signature_lines(cosig.line)
+            body = parse_note(cp.note).body
+        except NoteError as exc:
+            findings.append(
+                Finding(
+                    "cosignature",
+                    cp.size,
+                    f"checkpoint {cp.size}: cosignature by {cosig.witness} is malformed: {exc.reason}",
+                )
+            )
+            continue
+        for sig in sigs:
+            verdict, finding = _check_cosignature(body, sig, keys, cp.size, cosig.witness)
+            if finding is not None:
+                findings.append(finding)
+            elif verdict == "trusted":
+                trusted += 1
+                if cp.size == last:
+                    last_witnesses.append(sig.name)
+            else:
+                untrusted += 1
+    return trusted, untrusted, tuple(sorted(set(last_witnesses))), findings
+
+
+# -- prove ----------------------------------------------------------------------------------------
+
+
+def _checked_tree(reader: LogReader, size: int, root: bytes) -> MerkleTree:
+    """The tree of the first `size` records, which must be sound and match `root`; else ConfigError."""
+    hashes, findings, _ = scan_records(reader.rows(0, size), limit=1)
+    if findings:
+        raise ConfigError(f"{findings[0].message}: run `psngw audit verify`", file=reader.path)
+    tree = MerkleTree(hashes)
+    if tree.size != size or tree.root(size) != root:
+        raise ConfigError(
+            f"the records do not match the checkpoint of size {size}: run `psngw audit verify`", file=reader.path
+        )
+    return tree
+
+
+def _anchor_checkpoint(reader: LogReader) -> tuple[StoredCheckpoint, Note]:
+    latest = reader.latest_checkpoint()
+    if latest is None:
+        raise ConfigError("the log has no signed checkpoint yet: nothing can be proven", file=reader.path)
+    try:
+        return latest, reader.stored_note(latest)
+    except NoteError as exc:
+        raise ConfigError(f"checkpoint {latest.size} is malformed ({exc.reason}): run `psngw audit verify`") from exc
+
+
+def prove(reader: LogReader, request_id: str) -> dict[str, Any]:
+    """Inclusion proofs of the records of `request_id` in the latest signed checkpoint.
+
+    Returns JSON-ready values: the origin, tree size, root (hex) and checkpoint note text (with its
+    cosignatures), and per record its index, leaf hash, exact bytes (``leaf_data``, ASCII), decoded
+    fields and inclusion proof (hex, sibling first). Any RFC 6962 verifier can check each one:
+    SHA-256(0x00 || leaf_data) is the leaf hash, and the proof leads from it to the root.
+    """
+    if not request_id:
+        raise ConfigError("give a request id", file=COMMAND_LINE, field="--request-id")
+    with reader.snapshot():
+        latest, note = _anchor_checkpoint(reader)
+        matches = [
+            (i, d) for i, d in reader.find_bytes(_field_bytes("request_id", request_id)) if embedded_index(d) == i
+        ]
+        if not matches:
+            raise ConfigError(f"no record with request id {request_id!r}", file=reader.path)
+        covered = [(i, d) for i, d in matches if i < latest.size]
+        if not covered:
+            raise ConfigError(
+                f"the records of request {request_id!r} ({', '.join(str(i) for i, _ in matches)}) are not yet"
+                f" covered by a signed checkpoint (last at size {latest.size}): try again after the next one",
+                file=reader.path,
+            )
+        tree = _checked_tree(reader, latest.size, latest.root)
+    proofs = []
+    for index, data in covered:
+        record = _decode(index, data)
+        if record.request_id != request_id:
+            continue
+        h = leaf_hash(data)
+        path = tree.inclusion_proof(index, latest.size)
+        verify_inclusion(h, index, latest.size, path, latest.root)  # self-check before showing it
+        proofs.append(
+            {
+                "index": index,
+                "leaf_hash": h.hex(),
+                "leaf_data": data.decode("ascii"),
+                "record": record.to_dict(),
+                "inclusion_proof": [p.hex() for p in path],
+            }
+        )
+    return {
+        "request_id": request_id,
+        "origin": reader.origin,
+        "tree_size": latest.size,
+        "root": latest.root.hex(),
+        "checkpoint": note.text().decode("utf-8"),
+        "proofs": proofs,
+        "pending": [i for i, _ in matches if i >= latest.size],
+    }
+
+
+# -- export and verify-bundle ---------------------------------------------------------------------
+
+
+def export_bundle(
+    reader: LogReader, since: float | None, until: float | None, *, now: float
+) -> tuple[dict[str, Any], list[str]]:
+    """A self-contained bundle of the records in [since, until) with proofs against the latest checkpoint.
+
+    Returns the bundle (JSON-ready) and notes for the operator (records left out because no
+    checkpoint covers them yet).
+    """
+    lo, hi = _stamp(since), _stamp(until)
+    notes: list[str] = []
+    with reader.snapshot():
+        latest, note = _anchor_checkpoint(reader)
+        tree = _checked_tree(reader, latest.size, latest.root)
+        records = []
+        for index, _, data in reader.rows(0, latest.size):
+            if not _in_range(_record_time(data), lo, hi):
+                continue
+            _decode(index, data)
+            records.append(
+                {
+                    "index": index,
+                    "leaf_hash": tree.leaf(index).hex(),
+                    "leaf_data": data.decode("ascii"),
+                    "inclusion_proof": [p.hex() for p in tree.inclusion_proof(index, latest.size)],
+                }
+            )
+        later = sum(1 for _, _, d in reader.rows(latest.size) if _in_range(_record_time(d), lo, hi))
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "origin": reader.origin,
+            "exported_at": format_time(now),
+            "since": lo,
+            "until": hi,
+            "checkpoint": {"size": latest.size, "root": latest.root.hex(), "note": note.text().decode("utf-8")},
+            "log_keys": [{"vkey": v, "certificate": _pem(c)} for v, c in reader.log_keys()],
+            "witness_keys": [{"name": n, "vkey": v, "certificate": _pem(c)} for n, v, c in reader.witness_keys()],
+            "records": records,
+        }
+    if later:
+        notes.append(
+            f"{later} record(s) in the range come after the last checkpoint (size {latest.size}) and are not in"
+            " the bundle: export again after the next checkpoint"
+        )
+    return bundle, notes
+
+
+def _pem(cert: bytes | None) -> str | None:
+    return None if cert is None else cert.decode("ascii")
+
+
+def write_bundle(path: Path, bundle: Mapping[str, Any]) -> None:
+    """Write a bundle to a new file, mode 0600 (it holds personal data); never overwrite."""
+    data = json.dumps(bundle, indent=1, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError("already exists: choose another name (a bundle is never overwritten)", file=path) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot create: {exc.strerror or exc}", file=path) from exc
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_bundle(path: Path) -> dict[str, Any]:
+    """Read and structurally check a bundle file; `ConfigError` if it is not one."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=path) from exc
+    try:
+        bundle = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"not a bundle (not JSON): {exc}", file=path) from exc
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(f"not a bundle of format {BUNDLE_FORMAT}", file=path)
+    try:
+        _check_bundle_shape(bundle)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed bundle: {exc!r}", file=path) from exc
+    return bundle
+
+
+def _check_bundle_shape(bundle: dict[str, Any]) -> None:
+    def need(obj: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+        value = obj[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{key} has the wrong type")
+        return value
+
+    need(bundle, "origin", str)
+    cp = need(bundle, "checkpoint", dict)
+    need(cp, "size", int)
+    need(cp, "root", str)
+    need(cp, "note", str)
+    for key in need(bundle, "log_keys", list):
+        need(key, "vkey", str)
+        if key.get("certificate") is not None:
+            need(key, "certificate", str)
+    for key in need(bundle, "witness_keys", list):
+        need(key, "name", str)
+        need(key, "vkey", str)
+        if key.get("certificate") is not None:
+            need(key, "certificate", str)
+    for rec in need(bundle, "records", list):
+        need(rec, "index", int)
+        need(rec, "leaf_hash", str)
+        need(rec, "leaf_data", str)
+        for element in need(rec, "inclusion_proof", list):
+            if not isinstance(element, str):
+                raise TypeError("inclusion_proof holds non-strings")
+    for key in ("since", "until"):
+        if bundle.get(key) is not None:
+            need(bundle, key, str)
+
+
+def _unhex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise ProofError(f"{text[:16]!r}... is not hex") from exc
+
+
+def verify_bundle(bundle: Mapping[str, Any], anchors: TrustAnchors) -> VerifyReport:
+    """Check a bundle (from `read_bundle`): the checkpoint's signature and cosignatures, and every record's proof."""
+    started = time.perf_counter()
+    origin = bundle["origin"]
+    cp = bundle["checkpoint"]
+    size = cp["size"]
+    findings: list[Finding] = []
+    keys = _resolve_keys(
+        origin,
+        [(k["vkey"], _cert_bytes(k.get("certificate"))) for k in bundle["log_keys"]],
+        [(k["name"], k["vkey"], _cert_bytes(k.get("certificate"))) for k in bundle["witness_keys"]],
+        anchors,
+    )
+    findings += keys.findings
+    if not keys.logs:
+        findings.append(
+            Finding("key", 0, f"no trusted key of log {origin}: nothing can be verified ({anchors.describe()})")
+        )
+    try:
+        root = _unhex(cp["root"])
+    except ProofError as exc:
+        root = b""
+        findings.append(Finding("bundle", size, f"checkpoint root: {exc.reason}"))
+    result = _check_checkpoint_note(origin, size, root, cp["note"].encode("utf-8"), keys)
+    if result.finding is not None:
+        findings.append(result.finding)
+    trusted, untrusted, witnesses = 0, 0, []
+    if result.note is not None:
+        for sig in result.note.signatures:
+            if any(v.matches(sig) for v in keys.logs) or sig.name == origin:
+                continue
+            verdict, finding = _check_cosignature(result.note.body, sig, keys, size)
+            if finding is not None:
+                findings.append(finding)
+            elif verdict == "trusted":
+                trusted += 1
+                witnesses.append(sig.name)
+            else:
+                untrusted += 1
+    findings += _check_bundle_records(bundle, size, root)
+    return VerifyReport(
+        origin=origin,
+        records=len(bundle["records"]),
+        checkpoints=1,
+        last_checkpoint=size,
+        cosignatures=trusted,
+        untrusted_cosignatures=untrusted,
+        witnesses=tuple(sorted(witnesses)),
+        findings=tuple(findings),
+        notes=(),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _cert_bytes(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("ascii", "replace")
+
+
+def _check_bundle_records(bundle: Mapping[str, Any], size: int, root: bytes) -> list[Finding]:
+    since, until = bundle.get("since"), bundle.get("until")
+    findings: list[Finding] = []
+    seen: set[int] = set()
+    for rec in bundle["records"]:
+        index = rec["index"]
+        where = f"record {index}"
+        try:
+            data = rec["leaf_data"].encode("ascii")
+        except UnicodeEncodeError:
+            findings.append(Finding("record", index, f"{where}: its bytes are not ASCII: changed"))
+            continue
+        h = leaf_hash(data)
+        problems = []
+        if index in seen:
+            problems.append("appears twice")
+        seen.add(index)
+        if h.hex() != rec["leaf_hash"]:
+            problems.append("its bytes do not match its leaf hash: changed")
+        if embedded_index(data) != index:
+            problems.append(f"its bytes say it is record {embedded_index(data)}: moved")
+        try:
+            record = AuditRecord.decode(data)
+            if not _in_range(record.time, since, until):
+                problems.append(f"its time {record.time} is outside the bundle's range")
+        except RecordError as exc:
+            problems.append(f"not a valid record: {exc.message}")
+        try:
+            verify_inclusion(h, index, size, [_unhex(p) for p in rec["inclusion_proof"]], root)
+        except ProofError as exc:
+            problems.append(f"its inclusion proof fails: {exc.reason}")
+        findings.extend(Finding("record", index, f"{where}: {p}") for p in problems)
+    return sorted(findings, key=lambda f: f.position)
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+_BUCKETS = {"hour": 13, "day": 10, "month": 7}
+
+
+def stats(
+    reader: LogReader, *, bucket: str = "day", since: float | None = None, until: float | None = None
+) -> dict[str, Any]:
+    """Calls by origin force, unit, application and decision, per hour, day or month.
+
+    A call is a record of event ``call`` or ``stream-open`` (a stream counts once); reads of the
+    log (``audit-access``) are counted apart.
+    """
+    if bucket not in _BUCKETS:
+        raise ConfigError(f"{bucket!r} is not one of {', '.join(_BUCKETS)}", file=COMMAND_LINE, field="--by")
+    width = _BUCKETS[bucket]
+    lo, hi = _stamp(since), _stamp(until)
+    buckets: dict[str, dict[str, Any]] = {}
+    with reader.snapshot():
+        for index, _, data in reader.rows():
+            if not _in_range(_record_time(data), lo, hi):
+                continue
+            record = _decode(index, data)
+            b = buckets.setdefault(record.time[:width], _empty_bucket())
+            if record.event == "audit-access":
+                b["audit_access"] += 1
+                continue
+            if record.event not in ("call", "stream-open"):
+                continue
+            b["calls"] += 1
+            b["by_force"][record.origin_force or record.force] += 1
+            b["by_application"][record.application or "-"] += 1
+            b["by_decision"][{True: "allow", False: "deny", None: "none"}[record.decision_allowed]] += 1
+            for unit in record.units or ("-",):
+                b["by_unit"][unit] += 1
+    return {
+        "bucket": bucket,
+        "since": lo,
+        "until": hi,
+        "buckets": [{"period": k, **_plain(v)} for k, v in sorted(buckets.items())],
+    }
+
+
+def _empty_bucket() -> dict[str, Any]:
+    return {
+        "calls": 0,
+        "audit_access": 0,
+        "by_force": Counter(),
+        "by_unit": Counter(),
+        "by_application": Counter(),
+        "by_decision": Counter(),
+    }
+
+
+def _plain(bucket: dict[str, Any]) -> dict[str, Any]:
+    return {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in bucket.items()}

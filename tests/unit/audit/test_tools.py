@@ -1,0 +1,703 @@
+"""The auditors' tools: verify names the first bad item of every tampering; query, prove, export, stats; live access."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit.merkle import leaf_hash
+from gateway.audit.note import Checkpoint, parse_note, sign_note, verify_note
+from gateway.audit.record import AuditRecord, format_time
+from gateway.audit.store import LogReader, embedded_index
+from gateway.audit.tools import TrustAnchors, load_anchors, verify_log
+from gateway.cli import main
+from gateway.clock import FakeClock
+
+from ._helpers import (
+    FORCES,
+    T0,
+    FakeWitnessClient,
+    Pki,
+    cosig_verifier,
+    execute,
+    log_verifier,
+    make_pki,
+    make_record,
+    make_witness,
+    new_log,
+    origin,
+    rows,
+    signer,
+)
+
+TV = "thames-valley"
+N = 40
+EVERY = 10
+HOURS = 6 * 3600  # records are six hours apart: 40 records over ten days
+AT = format_time(T0)
+
+
+# -- the log under test ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pki]:
+    """A Thames Valley log of 40 records, checkpoints every 10, each cosigned by Hampshire and Surrey."""
+    root = tmp_path_factory.mktemp("audit-template")
+    pki = make_pki(root)
+    db = root / "tv.db"
+    clock = FakeClock(T0)
+    log = new_log(db, clock=clock, checkpoint_every=1000, certificate=pki.log_certs[TV])
+    log.open()
+    for force in FORCES[1:]:
+        witness = make_witness(force, clock)
+        log.add_witness(
+            witness.name, FakeWitnessClient(witness), cosig_verifier(force), certificate=pki.log_certs[force]
+        )
+
+    async def build() -> None:
+        for start in range(0, N, EVERY):
+            for i in range(start, start + EVERY):
+                await log.append(make_record(i, when=T0 + i * HOURS))
+            log.checkpoint_now()
+            await asyncio.to_thread(log.wait_checkpoint, start + EVERY)
+            results = await log.collect_once()
+            assert all(r.ok for r in results) and len(results) == 2
+        await log.close()
+
+    asyncio.run(build())
+    return db, pki
+
+
+@pytest.fixture
+def db(material: tuple[Path, Pki], tmp_path: Path) -> Path:
+    """A fresh copy of the template log, to read or to tamper with."""
+    copy = tmp_path / "tv.db"
+    shutil.copyfile(material[0], copy)
+    return copy
+
+
+@pytest.fixture
+def pki(material: tuple[Path, Pki]) -> Pki:
+    return material[1]
+
+
+def _anchors(**kw: Any) -> TrustAnchors:
+    base: dict[str, Any] = {
+        "log_verifiers": (log_verifier(TV),),
+        "witness_verifiers": tuple(cosig_verifier(f) for f in FORCES[1:]),
+        "at": T0,
+    }
+    base.update(kw)
+    return TrustAnchors(**base)
+
+
+def _verify(db: Path, anchors: TrustAnchors | None = None) -> Any:
+    with LogReader.open(db) as reader:
+        return verify_log(reader, anchors or _anchors())
+
+
+def _data(db: Path, idx: int) -> bytes:
+    return bytes(rows(db, "SELECT data FROM records WHERE idx = ?", (idx,))[0][0])
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["audit", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- verify: a clean log --------------------------------------------------------------------------
+
+
+def test_a_clean_log_verifies(db: Path) -> None:
+    report = _verify(db)
+    assert report.ok, report.findings
+    assert (report.records, report.checkpoints, report.last_checkpoint) == (N, N // EVERY, N)
+    assert report.cosignatures == 2 * N // EVERY and report.untrusted_cosignatures == 0
+    assert report.witnesses == ("hampshire.se.psn/witness", "surrey.se.psn/witness")
+
+
+# -- verify: tampering, each named, each caught with the first bad item ---------------------------
+
+
+def _change_one_byte(db: Path) -> None:
+    data = _data(db, 7).replace(b'"officer_id":"OFF2"', b'"officer_id":"OFF3"')
+    execute(db, ("UPDATE records SET data = ? WHERE idx = 7", (data,)))
+
+
+def _change_and_rehash(db: Path) -> None:
+    data = _data(db, 17).replace(b'"officer_id":"OFF2"', b'"officer_id":"OFF3"')
+    execute(db, ("UPDATE records SET data = ?, leaf_hash = ? WHERE idx = 17", (data, leaf_hash(data))))
+
+
+def _delete_one(db: Path) -> None:
+    execute(db, ("DELETE FROM records WHERE idx = 7", ()))
+
+
+def _delete_and_renumber(db: Path) -> None:
+    execute(
+        db,
+        ("DELETE FROM records WHERE idx = 7", ()),
+        ("UPDATE records SET idx = idx + 999999 WHERE idx > 7", ()),
+        ("UPDATE records SET idx = idx - 1000000 WHERE idx >= 1000000", ()),
+    )
+
+
+def _insert_one(db: Path) -> None:
+    forged = make_record(999, when=T0 + 7 * HOURS, officer_id="NOBODY").with_index(7).encode()
+    execute(
+        db,
+        ("UPDATE records SET idx = idx + 1000001 WHERE idx >= 7", ()),
+        ("UPDATE records SET idx = idx - 1000000 WHERE idx >= 1000000", ()),
+        ("INSERT INTO records (idx, leaf_hash, data) VALUES (7, ?, ?)", (leaf_hash(forged), forged)),
+    )
+
+
+def _reorder_two(db: Path) -> None:
+    a, b = rows(db, "SELECT leaf_hash, data FROM records WHERE idx IN (3, 9) ORDER BY idx")
+    execute(
+        db,
+        ("UPDATE records SET leaf_hash = ?, data = ? WHERE idx = 3", (b[0], b[1])),
+        ("UPDATE records SET leaf_hash = ?, data = ? WHERE idx = 9", (a[0], a[1])),
+    )
+
+
+def _truncate_tail(db: Path) -> None:
+    execute(db, ("DELETE FROM records WHERE idx >= 35", ()))
+
+
+def _replace_checkpoint_forged(db: Path) -> None:
+    imposter = signer(TV, "imposter")
+    (root,) = rows(db, "SELECT root FROM checkpoints WHERE size = 20")[0]
+    note = sign_note(Checkpoint(origin(TV), 20, bytes(root)).body(), [imposter])
+    execute(db, ("UPDATE checkpoints SET note = ? WHERE size = 20", (note.text(),)))
+
+
+def _replace_checkpoint_swapped(db: Path) -> None:
+    (note,) = rows(db, "SELECT note FROM checkpoints WHERE size = 10")[0]
+    execute(db, ("UPDATE checkpoints SET note = ? WHERE size = 20", (note,)))
+
+
+def _forge_cosignature(db: Path) -> None:
+    (line,) = rows(db, "SELECT line FROM cosignatures WHERE size = 30 AND witness = 'surrey.se.psn/witness'")[0]
+    name, b64 = bytes(line).rstrip(b"\n").rsplit(b" ", 1)
+    raw = bytearray(base64.b64decode(b64))
+    raw[-1] ^= 1
+    forged = name + b" " + base64.b64encode(bytes(raw)) + b"\n"
+    execute(db, ("UPDATE cosignatures SET line = ? WHERE size = 30 AND witness = 'surrey.se.psn/witness'", (forged,)))
+
+
+def _drop_a_checkpoint(db: Path) -> None:
+    execute(db, ("DELETE FROM checkpoints WHERE size = 30", ()))
+
+
+def _drop_witness_key(db: Path) -> None:
+    execute(db, ("DELETE FROM witness_keys WHERE name = 'hampshire.se.psn/witness'", ()))
+
+
+TAMPERING: list[tuple[str, Callable[[Path], None], str]] = [
+    ("change one byte of a record", _change_one_byte, r"^record 7: its bytes do not match its stored leaf hash"),
+    ("change a record and its leaf hash", _change_and_rehash, r"^checkpoint 20: .* among records 10\.\.19"),
+    ("delete one record", _delete_one, r"^record 7 is missing \(the next stored record is 8\)"),
+    ("delete one and renumber the rest", _delete_and_renumber, r"^record 7: its bytes say it is record 8"),
+    ("insert one record", _insert_one, r"^record 8: its bytes say it is record 7: records were moved, inserted"),
+    ("reorder two records", _reorder_two, r"^record 3: its bytes say it is record 9"),
+    ("truncate the tail", _truncate_tail, r"^checkpoint 40 covers records the log does not hold: records 35\.\.39"),
+    ("replace a checkpoint (forged key)", _replace_checkpoint_forged, r"^checkpoint 20: not validly signed by"),
+    ("replace a checkpoint (another's note)", _replace_checkpoint_swapped, r"^checkpoint 20: .*not match where it is"),
+    ("forge a cosignature", _forge_cosignature, r"^checkpoint 30: the cosignature by surrey\.se\.psn/witness does not"),
+    ("drop a checkpoint", _drop_a_checkpoint, r"cosignature .* checkpoint of size 30 that does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "tamper", "first"), TAMPERING, ids=[t[0] for t in TAMPERING])
+def test_verify_names_the_first_bad_item(db: Path, name: str, tamper: Callable[[Path], None], first: str) -> None:
+    tamper(db)
+    report = _verify(db)
+    assert not report.ok
+    assert report.first is not None
+    assert re.search(first, report.first.message), [f.message for f in report.findings]
+
+
+@pytest.mark.parametrize(("name", "tamper", "first"), TAMPERING, ids=[t[0] for t in TAMPERING])
+def test_the_verify_command_exits_1_and_prints_the_first_bad_item(
+    db: Path, capsys: pytest.CaptureFixture[str], name: str, tamper: Callable[[Path], None], first: str
+) -> None:
+    tamper(db)
+    code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey())
+    assert code == 1
+    assert "FAILED" in out and "first bad: " in out
+
+
+def test_a_dropped_witness_key_leaves_its_cosignatures_unverifiable(db: Path) -> None:
+    _drop_witness_key(db)
+    assert _verify(db).ok  # with every key pinned, the stored copy of a key is not needed
+    report = _verify(db, TrustAnchors(log_verifiers=(log_verifier(TV),), at=T0))
+    assert report.first is not None
+    assert (
+        report.first.message
+        == "checkpoint 10: cosignature by hampshire.se.psn/witness: no key for it is known or stored"
+    )
+
+
+def test_tampering_with_a_witness_key_is_caught_when_keys_are_pinned(db: Path) -> None:
+    # Swap Hampshire's stored witness key for a key the tamperer controls, and re-sign its cosignatures.
+    from gateway.audit.note import CosignatureSigner
+
+    from ._helpers import key
+
+    fake = CosignatureSigner("hampshire.se.psn/witness", key("tamperer"))
+    execute(db, ("UPDATE witness_keys SET vkey = ?, certificate = NULL WHERE name = 'hampshire.se.psn/witness'",
+                 (fake.vkey(),)))  # fmt: skip
+    for size, text in rows(db, "SELECT size, note FROM checkpoints"):
+        body = parse_note(bytes(text)).body
+        line = fake.cosign(body, int(T0)).line()
+        execute(db, ("UPDATE cosignatures SET line = ? WHERE size = ? AND witness = 'hampshire.se.psn/witness'",
+                     (line, size)))  # fmt: skip
+    report = _verify(db)
+    # With Hampshire's real key pinned, the substitute's cosignatures count for nothing.
+    assert report.cosignatures == N // EVERY and report.untrusted_cosignatures == N // EVERY
+    assert report.witnesses == ("surrey.se.psn/witness",)
+
+
+# -- verify: which keys are trusted ---------------------------------------------------------------
+
+
+def test_verify_needs_trusted_keys(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "verify", str(db))
+    assert code == 2 and "say which keys to trust" in err
+
+
+def test_verify_with_the_log_key_only_leaves_witnesses_untrusted(db: Path) -> None:
+    report = _verify(db, TrustAnchors(log_verifiers=(log_verifier(TV),), at=T0))
+    assert report.ok and report.cosignatures == 0 and report.untrusted_cosignatures == 2 * N // EVERY
+
+
+def test_verify_with_another_key_trusts_nothing(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "verify", str(db), "--vkey", signer(TV, "someone else").vkey())
+    assert code == 1 and "first bad: checkpoint 10: not validly signed by a trusted key" in out
+
+
+def test_verify_with_log_certificates(db: Path, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = []
+    for force in FORCES:
+        path = tmp_path / f"{force}-log.pem"
+        path.write_bytes(pki.log_certs[force])
+        args += ["--log-cert", str(path)]
+    code, out, _ = _run(capsys, "verify", str(db), *args)
+    assert code == 0, out
+    assert f"cosignatures: {2 * N // EVERY} verified with trusted keys" in out
+
+
+def test_verify_with_the_directory_checks_the_stored_certificates(
+    db: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(pki.directory), "--at", AT)
+    assert code == 0, out
+    assert "certificates checked against the directory's CAs" in out
+    assert f"{2 * N // EVERY} verified with trusted keys" in out
+    # The same log years later: the certificates have expired.
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(pki.directory), "--at", "2035-01-01")
+    assert code == 1 and "certificate expired" in out
+
+
+def test_a_log_certificate_from_another_forces_ca_is_not_believed(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imposter = make_pki(tmp_path, imposter_for=TV)
+    execute(db, ("UPDATE log_keys SET certificate = ?", (imposter.log_certs[TV],)))
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(imposter.directory), "--at", AT)
+    assert code == 1
+    assert "log key thames-valley.se.psn/audit: its certificate is not trusted" in out
+
+
+def test_unsafe_stored_keys_check_only_consistency(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "verify", str(db), "--unsafe-stored-keys", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["ok"] and report["cosignatures"] == 2 * N // EVERY
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--vkey", "not-a-key"],
+        ["--log-cert", "/nonexistent.pem"],
+        ["--directory", "/nonexistent.toml"],
+        ["--vkey", log_verifier(TV).vkey(), "--at", "next tuesday"],
+    ],
+)
+def test_bad_key_options_are_config_errors(db: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = _run(capsys, "verify", str(db), *argv)
+    assert code == 2 and err.startswith("psngw: ") and err.count("\n") == 1 and not out
+
+
+def test_load_anchors_knows_cosignature_keys() -> None:
+    anchors = load_anchors(vkeys=[cosig_verifier("surrey").vkey(), log_verifier(TV).vkey()], at=T0)
+    assert [v.name for v in anchors.log_verifiers] == [origin(TV)]
+    assert [v.name for v in anchors.witness_verifiers] == ["surrey.se.psn/witness"]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["query", "verify", "stats", "prove", "export"])
+def test_no_such_file_or_not_a_log_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    extra = {"verify": ["--unsafe-stored-keys"], "prove": ["--request-id", "x"], "export": [str(tmp_path / "o")]}
+    for target in (tmp_path / "missing.db", _junk(tmp_path)):
+        code, out, err = _run(capsys, command, str(target), *extra.get(command, []))
+        assert code == 2 and not out
+        assert err.startswith("psngw: ") and err.count("\n") == 1
+        assert "no such audit log" in err or "not an audit log" in err or "cannot read" in err
+
+
+def _junk(tmp_path: Path) -> Path:
+    path = tmp_path / "junk.db"
+    if not path.exists():
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE t (x)")
+        conn.close()
+    return path
+
+
+# -- query ----------------------------------------------------------------------------------------
+
+
+def _query(capsys: pytest.CaptureFixture[str], db: Path, *argv: str) -> list[dict[str, Any]]:
+    code, out, _ = _run(capsys, "query", str(db), "--json", *argv)
+    assert code == 0
+    result: list[dict[str, Any]] = json.loads(out)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], list(range(N))),
+        (["--officer", "OFF1"], [i for i in range(N) if i % 5 == 1]),
+        (["--unit", "ctpse"], [i for i in range(N) if i % 3 == 1]),
+        (["--origin-force", "surrey"], [i for i in range(N) if i % 2 == 1]),
+        (["--application", "custody"], [i for i in range(N) if i % 2 == 1]),
+        (["--method", "/psn.demo.intel.v1.IntelligenceSearch/Search"], [i for i in range(N) if i % 2 == 0]),
+        (["--decision", "deny"], [i for i in range(N) if i % 4 == 3]),
+        (["--decision", "allow", "--officer", "OFF3"], [i for i in range(N) if i % 4 != 3 and i % 5 == 3]),
+        (["--decision", "none"], []),
+        (["--status", "permission_denied"], [i for i in range(N) if i % 4 == 3]),
+        (["--request-id", f"{12:032x}"], [12]),
+        (["--since", format_time(T0 + 10 * HOURS), "--until", format_time(T0 + 14 * HOURS)], [10, 11, 12, 13]),
+        (["--since", "2027-01-16"], [i for i in range(N) if T0 + i * HOURS >= T0 + 16 * 3600]),
+        (["--event", "audit-access"], []),
+        (["--officer", "OFF1", "--limit", "2"], [1, 6]),
+    ],
+)
+def test_query_filters(db: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: list[int]) -> None:
+    assert [r["index"] for r in _query(capsys, db, *argv)] == expected
+
+
+def test_query_json_holds_whole_records(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (first,) = _query(capsys, db, "--request-id", f"{5:032x}")
+    assert AuditRecord(**first) == AuditRecord.decode(_data(db, 5))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--since", "yesterday"], ["--until", "2027-01-01T00:00:00"], ["--status", "FINE"], ["--limit", "0"],
+     ["--since", "2027-02-01", "--until", "2027-01-01"]],
+)  # fmt: skip
+def test_bad_filters_are_exit_2(db: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = _run(capsys, "query", str(db), *argv)
+    assert code == 2 and not out and err.count("\n") == 1
+
+
+def _db_with_hostile_text(tmp_path: Path) -> Path:
+    db = tmp_path / "hostile.db"
+    log = new_log(db)
+    log.open()
+    log.append_blocking(make_record(1, purpose_text='=HYPERLINK("http://x")', refusal_reason="\x1b[2J\x1b[31mred"))
+    log.append_blocking(make_record(2, officer_id="\x1b]0;pwned\x07"))
+    log.close_blocking()
+    return db
+
+
+def test_csv_output_guards_against_formulas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = _db_with_hostile_text(tmp_path)
+    code, out, _ = _run(capsys, "query", str(db), "--csv")
+    assert code == 0
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert len(table) == 2
+    assert table[0]["purpose_text"] == '\'=HYPERLINK("http://x")'
+    assert table[0]["units"] == "ctpse;serocu" and table[1]["units"] == "hc-cid"
+
+
+def test_table_output_escapes_terminal_controls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = _db_with_hostile_text(tmp_path)
+    code, out, _ = _run(capsys, "query", str(db))
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07" in out and "(2 records)" in out
+
+
+# -- prove ----------------------------------------------------------------------------------------
+
+
+def _rfc6962_root_from_path(leaf: bytes, index: int, size: int, path: list[bytes]) -> bytes:
+    """An independent RFC 9162 section 2.1.3.2 inclusion verifier (not the gateway's code)."""
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            raise AssertionError("proof too long")
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn >>= 1
+        sn >>= 1
+    assert sn == 0
+    return r
+
+
+def test_prove_gives_what_any_rfc6962_verifier_needs(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "prove", str(db), "--request-id", f"{23:032x}", "--json")
+    assert code == 0
+    proof = json.loads(out)
+    (entry,) = proof["proofs"]
+    assert entry["index"] == 23 and proof["tree_size"] == N
+    data = entry["leaf_data"].encode("ascii")
+    assert data == _data(db, 23)
+    assert hashlib.sha256(b"\x00" + data).hexdigest() == entry["leaf_hash"]
+    root = _rfc6962_root_from_path(
+        bytes.fromhex(entry["leaf_hash"]), 23, proof["tree_size"], [bytes.fromhex(h) for h in entry["inclusion_proof"]]
+    )
+    assert root.hex() == proof["root"]
+    note = parse_note(proof["checkpoint"].encode())
+    verify_note(note, log_verifier(TV))
+    cp = Checkpoint.parse(note.body)
+    assert (cp.size, cp.root_hash.hex()) == (N, proof["root"])
+    assert len(note.signatures) == 3  # the log's signature and two cosignatures
+    assert entry["record"]["request_id"] == f"{23:032x}"
+
+
+def test_prove_refuses_what_it_cannot_prove(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "prove", str(db), "--request-id", "nope")
+    assert code == 2 and "no record with request id 'nope'" in err
+    log = new_log(db, checkpointer=False)
+    log.open()
+    log.append_blocking(make_record(500))
+    log.close_blocking()
+    code, _, err = _run(capsys, "prove", str(db), "--request-id", f"{500:032x}")
+    assert code == 2 and "not yet covered by a signed checkpoint" in err
+    _change_one_byte(db)
+    code, _, err = _run(capsys, "prove", str(db), "--request-id", f"{23:032x}")
+    assert code == 2 and "run `psngw audit verify`" in err
+
+
+def test_prove_prints_a_readable_proof(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "prove", str(db), "--request-id", f"{3:032x}")
+    assert code == 0 and "record 3: leaf hash" in out and "— thames-valley.se.psn/audit" in out
+
+
+# -- export and verify-bundle ---------------------------------------------------------------------
+
+
+def _export(db: Path, capsys: pytest.CaptureFixture[str], out: Path, *argv: str) -> dict[str, Any]:
+    code, text, _ = _run(capsys, "export", str(db), *argv, str(out))
+    assert code == 0, text
+    bundle: dict[str, Any] = json.loads(out.read_bytes())
+    return bundle
+
+
+def test_export_then_verify_bundle(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: Pki) -> None:
+    out = tmp_path / "bundle.json"
+    bundle = _export(db, capsys, out, "--since", format_time(T0 + 5 * HOURS), "--until", format_time(T0 + 9 * HOURS))
+    assert [r["index"] for r in bundle["records"]] == [5, 6, 7, 8]
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert bundle["log_keys"][0]["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    code, text, _ = _run(capsys, "verify-bundle", str(out), "--directory", str(pki.directory), "--at", AT)
+    assert code == 0, text
+    assert "cosignatures: 2 verified with trusted keys" in text
+    code, text, _ = _run(capsys, "verify-bundle", str(out), "--vkey", log_verifier(TV).vkey(), "--json")
+    assert code == 0 and json.loads(text)["untrusted_cosignatures"] == 2
+
+
+def test_export_never_overwrites(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bundle.json"
+    out.write_text("precious")
+    code, _, err = _run(capsys, "export", str(db), str(out))
+    assert code == 2 and "never overwritten" in err and out.read_text() == "precious"
+
+
+def _tamper_bundle_record(b: dict[str, Any]) -> None:
+    b["records"][1]["leaf_data"] = b["records"][1]["leaf_data"].replace("OFF1", "OFF4")
+
+
+def _tamper_bundle_proof(b: dict[str, Any]) -> None:
+    b["records"][0]["inclusion_proof"][0] = "00" * 32
+
+
+def _tamper_bundle_checkpoint(b: dict[str, Any]) -> None:
+    root = bytes.fromhex(b["checkpoint"]["root"])
+    note = sign_note(Checkpoint(origin(TV), N, root).body(), [signer(TV, "imposter")])
+    b["checkpoint"]["note"] = note.text().decode()
+
+
+def _tamper_bundle_index(b: dict[str, Any]) -> None:
+    b["records"][0]["index"] = b["records"][1]["index"]
+
+
+def _tamper_bundle_range(b: dict[str, Any]) -> None:
+    b["until"] = format_time(T0 + 6 * HOURS)
+
+
+BUNDLE_TAMPERING = [
+    ("change a record", _tamper_bundle_record, r"^record 6: its bytes do not match its leaf hash"),
+    ("change a proof", _tamper_bundle_proof, r"^record 5: its inclusion proof fails"),
+    ("replace the checkpoint", _tamper_bundle_checkpoint, r"^checkpoint 40: not validly signed"),
+    ("renumber a record", _tamper_bundle_index, r"^record 6: its bytes say it is record 5"),
+    ("narrow the stated range", _tamper_bundle_range, r"time .* is outside the bundle's range"),
+]
+
+
+@pytest.mark.parametrize(("name", "tamper", "first"), BUNDLE_TAMPERING, ids=[t[0] for t in BUNDLE_TAMPERING])
+def test_verify_bundle_finds_tampering(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, tamper: Any, first: str
+) -> None:
+    out = tmp_path / "bundle.json"
+    bundle = _export(db, capsys, out, "--since", format_time(T0 + 5 * HOURS), "--until", format_time(T0 + 9 * HOURS))
+    tamper(bundle)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(bundle))
+    code, text, _ = _run(capsys, "verify-bundle", str(bad), "--vkey", log_verifier(TV).vkey(), "--json")
+    assert code == 1
+    report = json.loads(text)
+    assert re.search(first, report["first"]), report["findings"]
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b"[1]", b'{"format": "psn-gateway-audit-bundle/1"}', b"\xff"])
+def test_a_file_that_is_not_a_bundle_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    path = tmp_path / "b.json"
+    path.write_bytes(content)
+    code, _, err = _run(capsys, "verify-bundle", str(path), "--unsafe-stored-keys")
+    assert code == 2 and "bundle" in err
+
+
+def test_export_leaves_out_records_not_yet_checkpointed(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = new_log(db, checkpointer=False)
+    log.open()
+    log.append_blocking(make_record(700, when=T0 + 2 * HOURS))
+    log.close_blocking()
+    out = tmp_path / "bundle.json"
+    code, _, err = _run(capsys, "export", str(db), str(out))
+    assert code == 0 and "1 record(s) in the range come after the last checkpoint" in err
+    assert len(json.loads(out.read_bytes())["records"]) == N
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+
+def test_stats_count_calls_by_force_unit_application_and_decision(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "stats", str(db), "--json")
+    assert code == 0
+    result = json.loads(out)
+    buckets = result["buckets"]
+    # 08:00 on the first day, then every six hours: 3 calls on the first day, 4 a day after.
+    assert [b["calls"] for b in buckets] == [3] + [4] * 9 + [1]
+    assert buckets[0]["period"] == "2027-01-15"
+    total = sum(b["by_decision"].get("deny", 0) for b in buckets)
+    assert total == len([i for i in range(N) if i % 4 == 3])
+    assert sum(b["by_unit"].get("serocu", 0) for b in buckets) == len([i for i in range(N) if i % 3 != 2])
+    assert sum(b["by_force"].get("hampshire", 0) for b in buckets) == N // 2
+    code, out, _ = _run(capsys, "stats", str(db), "--by", "month")
+    assert code == 0 and out.startswith("2027-01: 40 calls")
+
+
+# -- the live log: access is recorded first; an offline copy is never changed ----------------------
+
+
+def test_a_live_log_demands_an_auditor_and_a_purpose(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway = new_log(db, checkpoint_every=1000)
+    gateway.open()
+    try:
+        code, out, err = _run(capsys, "query", str(db))
+        assert code == 2 and not out and "live log" in err and "--auditor" in err
+        code, out, err = _run(
+            capsys, "query", str(db), "--officer", "OFF1", "--auditor", "PSD-42", "--purpose", "lawfulness"
+        )
+        assert code == 0 and "access recorded in the live log as record 40" in err
+        code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey(), "--auditor", "PSD-42",
+                            "--purpose", "integrity")  # fmt: skip
+        assert code == 0, out
+        # The gateway keeps appending, and its next checkpoint covers the reads too.
+        gateway.append_blocking(make_record(41))
+        gateway.checkpoint_now()
+        gateway.wait_checkpoint(43)
+    finally:
+        gateway.close_blocking()
+    access = [AuditRecord.decode(bytes(d)) for (d,) in rows(db, "SELECT data FROM records WHERE idx IN (40, 41)")]
+    assert [(a.event, a.accessor, a.access_purpose) for a in access] == [
+        ("audit-access", "PSD-42", "lawfulness"),
+        ("audit-access", "PSD-42", "integrity"),
+    ]
+    assert access[0].access_command == f"query {db} --officer=OFF1"
+    assert access[0].gateway == "spiffe://thames-valley.se.psn/gateway" and access[0].force == TV
+    assert _verify(db).ok
+
+
+def test_a_live_log_access_must_name_a_lawful_purpose(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway = new_log(db)
+    gateway.open()
+    try:
+        with pytest.raises(SystemExit):
+            main(["audit", "query", str(db), "--auditor", "PSD-42", "--purpose", "curiosity"])
+        code, _, err = _run(capsys, "stats", str(db), "--purpose", "lawfulness")
+        assert code == 2 and "name the auditor" in err
+    finally:
+        gateway.close_blocking()
+    assert rows(db, "SELECT count(*) FROM records")[0][0] == N
+
+
+def test_an_offline_copy_is_read_only_and_never_changed(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    out = tmp_path / "b.json"
+    for argv in (
+        ["query", str(db)],
+        ["query", str(db), "--auditor", "PSD-42", "--purpose", "self-monitoring"],
+        ["verify", str(db), "--unsafe-stored-keys"],
+        ["prove", str(db), "--request-id", f"{1:032x}"],
+        ["stats", str(db)],
+        ["export", str(db), str(out)],
+    ):
+        code, _, err = _run(capsys, *argv)
+        assert code == 0, (argv, err)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert not os.path.exists(str(db) + ".lock")
+    assert "offline copy" in _run(capsys, "query", str(db), "--auditor", "a", "--purpose", "integrity")[2]
+
+
+def test_reader_refuses_to_write(db: Path) -> None:
+    with LogReader.open(db) as reader, pytest.raises(sqlite3.OperationalError):
+        reader.conn.execute("DELETE FROM records")
+    assert embedded_index(_data(db, 3)) == 3
