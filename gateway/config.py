@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from gateway.audit.store import AuditConfig
 from gateway.directory import NAME_PATTERN, NetworkDirectory, load_directory
 from gateway.errors import ConfigError
 from gateway.purpose import PurposeConfig
@@ -193,6 +194,9 @@ class GatewayConfig:
     signing: SigningConfig
     tokens: TokenConfig
     purpose: PurposeConfig
+    audit: AuditConfig
+    log_signing: TlsConfig
+    witness_db: Path
     limits: LimitsConfig
     revocation: RevocationConfig
     backends: Mapping[str, BackendConfig]
@@ -210,7 +214,13 @@ class GatewayConfig:
 
 
 #: Tables parsed later by subsystems that need more than the file to check them.
-SUBSYSTEM_TABLES = ("policy", "audit", "rate_limits")
+SUBSYSTEM_TABLES = ("policy", "rate_limits")
+
+
+def _witness_db(sec: Section) -> Path:
+    path: Path = sec.file_path("db")
+    sec.finish()
+    return path
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -253,6 +263,9 @@ def load_config(path: Path | str) -> GatewayConfig:
         signing=SigningConfig.from_section(root.table("signing", required=True)),
         tokens=TokenConfig.from_section(root.table("tokens", required=True)),
         purpose=PurposeConfig.from_section(root.table("purpose", required=True)),
+        audit=AuditConfig.from_section(root.table("audit", required=True)),
+        log_signing=TlsConfig.from_section(root.table("log_signing", required=True)),
+        witness_db=_witness_db(root.table("witness", required=True)),
         limits=LimitsConfig.from_section(root.table("limits")),
         revocation=RevocationConfig.from_section(root.table("revocation")),
         backends=MappingProxyType(backends),

@@ -21,6 +21,7 @@ Example::
     crl = "pki/thames-valley/crl.pem"
     peer_address = "127.0.0.1:7443"
     clients = ["analyst-desk"]   # this force's applications that may call out
+    log_cert = "pki/thames-valley/log-signing.pem"   # its audit-log key, for the witnesses
 
     [units.serocu]
     name = "South East Regional Organised Crime Unit"
@@ -94,7 +95,9 @@ class Force:
     """A police force: one trust domain, one gateway.
 
     `clients` names this force's applications that may call its local listener
-    (besides the applications it hosts).
+    (besides the applications it hosts). `log_cert_path` is the certificate of
+    the force's audit-log key: the other forces' witnesses check its
+    checkpoints with it.
     """
 
     name: str
@@ -104,6 +107,7 @@ class Force:
     crl_path: Path | None
     peer_address: str
     clients: tuple[str, ...] = ()
+    log_cert_path: Path | None = None
 
     @property
     def gateway_spiffe_id(self) -> str:
@@ -264,6 +268,7 @@ def _parse_forces(root: Section, network: str) -> dict[str, Force]:
             crl_path=sec.file_path("crl", None),
             peer_address=sec.address("peer_address"),
             clients=sec.text_list("clients", (), pattern=NAME_PATTERN),
+            log_cert_path=sec.file_path("log_cert", None),
         )
         if force.peer_address in peer_addresses:
             sec.fail("peer_address", f"same address as force {peer_addresses[force.peer_address]}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -112,10 +113,14 @@ class Stage(Protocol):
 
 
 class Pipeline:
-    """Named stages run in order; the first refusal stops the call."""
+    """Named stages run in order; the first refusal stops the call.
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    `observe`, if given, is told each stage's name and duration in seconds (metrics).
+    """
+
+    def __init__(self, stages: Sequence[Stage], *, observe: Callable[[str, float], None] | None = None) -> None:
         self.stages = tuple(stages)
+        self._observe = observe
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -124,13 +129,18 @@ class Pipeline:
 
     async def admit(self, call: Call) -> None:
         """Run every stage; on refusal, note the stage in the call and re-raise."""
+        observe = self._observe
         for stage in self.stages:
+            started = time.perf_counter()
             try:
                 await stage(call)
             except GatewayError as exc:
                 call.refusal = exc
                 call.refusal_stage = stage.name
                 raise
+            finally:
+                if observe is not None:
+                    observe(stage.name, time.perf_counter() - started)
 
 
 class PeerIdentityStage:

@@ -29,7 +29,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway import __version__
+from gateway._proto.psn.gateway.v1 import relay_pb2, witness_pb2
+from gateway.admin import AdminServer
+from gateway.audit.recorder import AuditRecorder
+from gateway.audit.setup import build_transparency
+from gateway.audit.witness_grpc import ADD_CHECKPOINT, witness_reply
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
@@ -38,6 +43,7 @@ from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound
 from gateway.forward import BackendUpstream, Metadata, Reply, Upstream, backend_unary, pump_stream
 from gateway.identity import TrustStore, load_trust_store
 from gateway.metadata import backend_metadata
+from gateway.metrics import GatewayMetrics, Registry
 from gateway.pipeline import (
     Call,
     DeadlineStage,
@@ -56,7 +62,7 @@ from gateway.status import status_for
 from gateway.tls import ChannelPool, KeyPair, ServerTls
 from gateway.token import TokenVerifier, build_key_source
 
-__all__ = ["Gateway", "LogRecorder", "Recorder"]
+__all__ = ["Gateway", "Recorder"]
 
 log = logging.getLogger("psngw.server")
 _PEM = Encoding.PEM
@@ -74,33 +80,11 @@ class Recorder(Protocol):
         ...
 
 
-class LogRecorder:
-    """Records calls as JSON lines in the operator log (not durable; the audit log is)."""
-
-    async def record(self, call: Call, event: str) -> None:
-        """Log one line for the call."""
-        calls_log.info(
-            "%s %s %s",
-            event,
-            call.method,
-            call.status or "-",
-            extra={
-                "request_id": call.request_id,
-                "event": event,
-                "listener": call.listener.value,
-                "peer": call.peer.spiffe_id if call.peer else None,
-                "method": call.method,
-                "status": call.status,
-                "refusal_stage": call.refusal_stage,
-                "refusal_reason": call.refusal.reason if call.refusal else None,
-            },
-        )
-
-
 @dataclass(frozen=True)
 class _Ports:
     local: int
     peer: int
+    admin: int | None
 
 
 def _peer_certificate(context: Context) -> bytes | None:
@@ -143,10 +127,16 @@ class Gateway:
         self.config = config
         self.force = config.force
         self.clock: Clock = clock or SystemClock()
-        self.recorder: Recorder = recorder or LogRecorder()
         self._directory = config.directory
         self._trust = load_trust_store(
             config.directory, crl_grace=config.revocation.crl_grace, require_crl=config.revocation.require_crl
+        )
+        self.registry = Registry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.transparency = build_transparency(config, self._trust, self.clock)
+        self.audit_log = self.transparency.log
+        self.recorder: Recorder = recorder or AuditRecorder(
+            self.audit_log, gateway=config.gateway_id, force=self.force, clock=self.clock
         )
         self._tls = KeyPair.load(config.tls.cert, config.tls.key)
         self._local_tls = ServerTls(self._tls, self._roots())
@@ -177,21 +167,26 @@ class Gateway:
         self.token_verifier = TokenVerifier(
             config.tokens, force=self.force, keys=build_key_source(config.tokens, self.clock), clock=self.clock
         )
-        self.local_pipeline = Pipeline(self._local_stages())
+        observe = self._observe_stage
+        self.local_pipeline = Pipeline(self._local_stages(), observe=observe)
         self.peer_identity = Pipeline(
             [
                 PeerIdentityStage(
                     Listener.PEER, force=self.force, trust=self.trust, directory=self.directory, clock=self.clock
                 )
-            ]
+            ],
+            observe=observe,
         )
         self.peer_pipeline = Pipeline(
             [
                 EnvelopeStage(self.envelope_verifier),
                 RouteStage(self.directory, force=self.force, listener=Listener.PEER),
                 DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
-            ]
+            ],
+            observe=observe,
         )
+        self._admin: AdminServer | None = None
+        self._last_expiry_warning = 0.0
         self.reload_hooks: list[Callable[[], None]] = []
         self.reload_errors: list[str] = []
         self.expiring: list[tuple[str, float]] = []
@@ -267,8 +262,13 @@ class Gateway:
         ]
 
     async def start(self) -> None:
-        """Bind both listeners and start serving."""
+        """Open the audit log (refusing a divergent one), bind the listeners, start serving."""
         limits = self.config.limits
+        report = self.audit_log.open()
+        for message in report.messages:
+            log.warning("audit log: %s", message)
+        log.info("audit log open: %d records, last checkpoint at %d", report.records, report.checkpoint_size)
+        self.transparency.register_witnesses(self.peers.channel, timeout=self.config.audit.witness_timeout)
         local = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
         local.add_generic_rpc_handlers((_LocalHandler(self),))
         self._add_health(local)
@@ -280,8 +280,15 @@ class Gateway:
         await local.start()
         await peer.start()
         self._local_server, self._peer_server = local, peer
-        self.ports = _Ports(local_port, peer_port)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        admin_port = None
+        if self.config.listeners.admin is not None:
+            self._admin = AdminServer(self.config.listeners.admin, registry=self.registry, health=self.health)
+            admin_port = await self._admin.start()
+        self.ports = _Ports(local_port, peer_port, admin_port)
+        self._install_gauges()
+        self._warn_expiry()
+        await self._update_health()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="psngw-watch")
         log.info(
             "gateway of %s serving: local %s, peer %s",
             self.force,
@@ -302,8 +309,15 @@ class Gateway:
         grace = self.config.limits.shutdown_grace if grace is None else grace
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         servers = [s for s in (self._local_server, self._peer_server) if s is not None]
         await asyncio.gather(*(s.stop(grace) for s in servers))
+        if self._admin is not None:
+            await self._admin.stop()
+        await self.audit_log.close()
         await self.backends.close()
         await self.peers.close()
         self._stopping.set()
@@ -344,7 +358,9 @@ class Gateway:
         seen = self._snapshot()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_requested.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await self._reload_requested.wait()
+            await self._update_health()
             now = self._snapshot()
             if now != seen or self._reload_requested.is_set():
                 self._reload_requested.clear()
@@ -396,19 +412,93 @@ class Gateway:
                 errors.append(str(exc))
         for error in errors:
             log.error("reload rejected, keeping the last good version: %s", error)
+        self.metrics.reloads.inc(result="failed" if errors else "ok")
         self.reload_errors = errors
         return errors
 
-    def _warn_expiry(self) -> None:
-        now = self.clock.now()
-        certs = {"gateway TLS": self._tls.certificate, "gateway signing": self._signer.certificate}
+    def _certificates(self) -> dict[str, Any]:
+        certs = {"tls": self._tls.certificate, "signing": self._signer.certificate}
         for force in self._directory.forces:
-            certs[f"CA of {force}"] = self._trust.ca_certificate(force)
+            certs[f"ca:{force}"] = self._trust.ca_certificate(force)
+        return certs
+
+    def _warn_expiry(self) -> None:
+        """Note certificates near expiry (health, metrics) and log them at most hourly."""
+        now = self.clock.now()
+        certs = self._certificates()
+        for label, cert in certs.items():
+            days = (cert.not_valid_after_utc.timestamp() - now) / 86400
+            self.metrics.certificate_expiry_days.set(days, certificate=label)
         self.expiring = self._trust.expiring(certs, now, self.config.revocation.expiry_warning_days)
-        for label, days in self.expiring:
-            log.warning(
-                "%s certificate expires in %.1f days", label, days, extra={"certificate": label, "days_left": days}
-            )
+        if self.expiring and now - self._last_expiry_warning >= 3600:
+            self._last_expiry_warning = now
+            for label, days in self.expiring:
+                log.warning(
+                    "%s certificate expires in %.1f days", label, days, extra={"certificate": label, "days_left": days}
+                )
+
+    # -- health and metrics ------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What the health endpoint shows; `serving` is false when the gateway refuses traffic."""
+        now = self.clock.now()
+        crls = {}
+        for force in self._directory.forces:
+            status = self._trust.crl_status(force, now)
+            crls[force] = {"usable": status.usable, "reason": status.reason}
+        audit = self.audit_log.status()
+        return {
+            "serving": self.audit_log.healthy and not self._stopping.is_set(),
+            "force": self.force,
+            "version": __version__,
+            "audit": audit,
+            "crl": crls,
+            "expiring_certificates": [{"certificate": c, "days_left": round(d, 1)} for c, d in self.expiring],
+            "reload_errors": self.reload_errors,
+        }
+
+    async def _update_health(self) -> None:
+        serving = self.audit_log.healthy and not self._stopping.is_set()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set("", status)
+
+    def _install_gauges(self) -> None:
+        m = self.metrics
+        m.audit_healthy.set_function(lambda: 1.0 if self.audit_log.healthy else 0.0)
+        m.audit_queue_depth.set_function(lambda: float(self.audit_log.status().get("queue_depth", 0)))
+        for force in self._directory.forces:
+            m.crl_usable.set_function(partial(self._crl_usable, force), force=force)
+
+    def _crl_usable(self, force: str) -> float:
+        return 1.0 if self._trust.crl_status(force, self.clock.now()).usable else 0.0
+
+    def _observe_stage(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_duration.observe(seconds, stage=stage)
+
+    def _observe_call(self, call: Call) -> None:
+        application = call.route.application.name if call.route else "unknown"
+        decision = call.decision
+        verdict = "refused" if decision is None else ("allow" if decision.allowed else "deny")
+        origin = call.origin_force or (self.force if call.listener is Listener.LOCAL else "unknown")
+        status = call.status or "UNKNOWN"
+        self.metrics.calls.inc(
+            listener=call.listener.value, origin_force=origin, application=application, decision=verdict, status=status
+        )
+        self.metrics.call_duration.observe(
+            max(0.0, self.clock.monotonic() - call.started_mono), listener=call.listener.value, application=application
+        )
+        if call.refusal is not None:
+            self.metrics.refusals.inc(stage=call.refusal_stage or "forward", status=status)
+
+    async def record(self, call: Call, event: str) -> None:
+        """Record the call durably (the audit stage), then count it; `AuditUnavailable` if it cannot be."""
+        started = self.clock.monotonic()
+        try:
+            await self.recorder.record(call, event)
+        finally:
+            self._observe_stage("audit", self.clock.monotonic() - started)
+        if event != "stream-open":
+            self._observe_call(call)
 
     # -- the edge ----------------------------------------------------------------------
 
@@ -444,7 +534,7 @@ class Gateway:
             },
         )
         try:
-            await self.recorder.record(call, "call")
+            await self.record(call, "call")
         except GatewayError as audit_exc:
             code, exc = status_for(audit_exc), audit_exc
             log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
@@ -455,7 +545,7 @@ class Gateway:
         call.status = reply.code.name
         call.status_message = reply.details
         try:
-            await self.recorder.record(call, event)
+            await self.record(call, event)
         except GatewayError as exc:
             await self.refuse(call, exc, context)
         if not reply.ok:
@@ -466,7 +556,7 @@ class Gateway:
 
     def _record_cancelled(self, call: Call, event: str) -> None:
         call.status = grpc.StatusCode.CANCELLED.name
-        task = asyncio.get_running_loop().create_task(self.recorder.record(call, event))
+        task = asyncio.get_running_loop().create_task(self.record(call, event))
         task.add_done_callback(_log_task_error)
 
     async def local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
@@ -495,7 +585,7 @@ class Gateway:
             await self.local_pipeline.admit(call)
             assert call.route is not None  # noqa: S101  # the route stage sets it
             call_type = call.route.method.call_type
-            await self.recorder.record(call, "stream-open")
+            await self.record(call, "stream-open")
             opened = True
             downstream = ContextDownstream(context, call, max_requests=None if call_type.client_streams else 1)
             reply = await pump_stream(downstream, await self.open_upstream(call))
@@ -602,13 +692,34 @@ class Gateway:
         signed = self._sealed(call, reply, digest, reply.initial_metadata)
         call.status, call.status_message = reply.code.name, reply.details
         try:
-            await self.recorder.record(call, "call")
+            await self.record(call, "call")
         except GatewayError as exc:
             await self.refuse(call, exc, context)
         response = relay_pb2.UnaryRelayResponse(seal=signed)
         if reply.message is not None:
             response.message = reply.message
         return response
+
+    async def peer_witness(
+        self, request: witness_pb2.AddCheckpointRequest, context: PeerContext
+    ) -> witness_pb2.AddCheckpointResponse:
+        """A peer force's log submits a checkpoint for this gateway to witness."""
+        call = self.new_call(Listener.PEER, ADD_CHECKPOINT, context)
+        try:
+            await self.peer_identity.admit(call)
+            assert call.peer is not None  # noqa: S101  # the peer-identity stage sets it
+            origin = f"{self._directory.forces[call.peer.force].trust_domain}/audit"
+            return await witness_reply(self.transparency.witness, request, submitter_origin=origin)
+        except GatewayError as exc:
+            code = status_for(exc)
+            log.warning(
+                "witness refused a checkpoint from %s: %s",
+                call.peer.spiffe_id if call.peer else "an unverified peer",
+                exc.reason,
+                extra={"request_id": call.request_id, "status": code.name},
+            )
+            await context.abort(code, exc.public)
+            raise  # abort() raised already; this keeps type checkers informed
 
     def _refusal_reply(self, call: Call, exc: GatewayError) -> Reply:
         """A refusal after the envelope verified: recorded, and sealed back to the origin."""
@@ -643,7 +754,7 @@ class Gateway:
             call.relay_request = first
             await self._peer_admit(call, context)
             downstream = RelayHostDownstream(context, call, self.envelope_verifier)
-            await self.recorder.record(call, "stream-open")
+            await self.record(call, "stream-open")
             opened = True
             upstream = await self.open_upstream(call)
             reply = await pump_stream(downstream, upstream)
@@ -659,7 +770,7 @@ class Gateway:
         signed = self._sealed(call, reply, downstream.sent_digest, downstream.headers)
         call.status, call.status_message = reply.code.name, reply.details
         try:
-            await self.recorder.record(call, "stream-close" if opened else "call")
+            await self.record(call, "stream-close" if opened else "call")
         except GatewayError as exc:
             await self.refuse(call, exc, context)
         await context.write(relay_pb2.RelayFrame(response_seal=signed))
@@ -690,6 +801,11 @@ class _PeerHandler(grpc.GenericRpcHandler):
             request_deserializer=relay_pb2.RelayFrame.FromString,
             response_serializer=relay_pb2.RelayFrame.SerializeToString,
         )
+        self._witness = grpc.unary_unary_rpc_method_handler(
+            gateway.peer_witness,
+            request_deserializer=witness_pb2.AddCheckpointRequest.FromString,
+            response_serializer=witness_pb2.AddCheckpointResponse.SerializeToString,
+        )
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
@@ -697,6 +813,8 @@ class _PeerHandler(grpc.GenericRpcHandler):
             return self._unary
         if method == _RELAY_STREAM:
             return self._stream
+        if method == ADD_CHECKPOINT:
+            return self._witness
         return None
 
 

@@ -212,7 +212,7 @@ class AuditConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise ConfigError(f"must be a number in {low:g}..{high:g}, got {value!r}", field=f"audit.{name}")
         if self.retry_max < self.retry_initial:
-            raise ConfigError("must not be less than retry_initial", field="audit.retry_max")
+            raise ConfigError("must not be less than retry_initial_seconds", field="audit.retry_max_seconds")
 
     @classmethod
     def from_section(cls, section: Section) -> AuditConfig:
@@ -221,18 +221,22 @@ class AuditConfig:
         config = cls(
             db=section.file_path("db"),
             checkpoint_interval=section.number(
-                "checkpoint_interval", d["checkpoint_interval"].default, minimum=0.01, maximum=86400
+                "checkpoint_interval_seconds", d["checkpoint_interval"].default, minimum=0.01, maximum=86400
             ),
             checkpoint_every=section.integer(
                 "checkpoint_every", d["checkpoint_every"].default, minimum=1, maximum=10_000_000
             ),
             max_batch=section.integer("max_batch", d["max_batch"].default, minimum=1, maximum=100_000),
             max_queue=section.integer("max_queue", d["max_queue"].default, minimum=1, maximum=10_000_000),
-            lock_timeout=section.number("lock_timeout", d["lock_timeout"].default, minimum=0, maximum=600),
+            lock_timeout=section.number("lock_timeout_seconds", d["lock_timeout"].default, minimum=0, maximum=600),
             witness_quorum=section.integer("witness_quorum", d["witness_quorum"].default, minimum=0, maximum=64),
-            witness_timeout=section.number("witness_timeout", d["witness_timeout"].default, minimum=0.01, maximum=600),
-            retry_initial=section.number("retry_initial", d["retry_initial"].default, minimum=0.001, maximum=60),
-            retry_max=section.number("retry_max", d["retry_max"].default, minimum=0.001, maximum=3600),
+            witness_timeout=section.number(
+                "witness_timeout_seconds", d["witness_timeout"].default, minimum=0.01, maximum=600
+            ),
+            retry_initial=section.number(
+                "retry_initial_seconds", d["retry_initial"].default, minimum=0.001, maximum=60
+            ),
+            retry_max=section.number("retry_max_seconds", d["retry_max"].default, minimum=0.001, maximum=3600),
         )
         section.finish()
         return config

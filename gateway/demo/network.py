@@ -171,6 +171,7 @@ def _directory_text(ports: Mapping[str, ForcePorts], *, echo: bool) -> str:
             f'crl = "pki/{force}/crl.pem"',
             f'peer_address = "127.0.0.1:{ports[force].peer}"',
             f'clients = ["{CLIENT_APP}"]',
+            f'log_cert = "pki/{force}/log-signing.pem"',
             "",
         ]
     text = "\n".join(lines) + _UNITS + _APPLICATIONS
@@ -210,6 +211,18 @@ def _config_text(force: str, ports: ForcePorts, hosted: Iterable[str]) -> str:
         "[purpose]  # DPA 2018 s62: every call says why",
         "codes = [" + ", ".join(f'"{c}"' for c in PURPOSE_CODES) + "]",
         "",
+        "[audit]  # durable before disclosure: SQLite WAL, synchronous=FULL, group commit",
+        f'db = "audit/{force}.db"',
+        "checkpoint_interval_seconds = 2.0",
+        "witness_quorum = 2",
+        "",
+        "[log_signing]  # the force's audit-log key: signs checkpoints, cosigns peers' checkpoints",
+        f'cert = "pki/{force}/log-signing.pem"',
+        f'key = "pki/{force}/log-signing.key"',
+        "",
+        "[witness]  # what this gateway has cosigned for the other forces' logs",
+        f'db = "audit/{force}-witness.db"',
+        "",
     ]
     for app in hosted:
         lines += [f"[backends.{app}]", f'address = "127.0.0.1:{ports.apps[app]}"', ""]
@@ -237,6 +250,7 @@ def write_network(root: Path, *, echo: bool = False) -> NetworkLayout:
         force: ForcePorts(next(numbers), next(numbers), next(numbers), {app: next(numbers) for app in hosted[force]})
         for force in FORCES
     }
+    (root / "audit").mkdir(mode=0o700, exist_ok=True)
     directory_path = root / "directory.toml"
     directory_path.write_text(_directory_text(ports, echo=echo))
     material = pki.init_network(load_directory(directory_path), overwrite=True)

@@ -125,6 +125,8 @@ async def _review(ch: grpc.aio.Channel) -> None:
         assert isinstance(ack, casefiles_pb2.ReviewAck), "stream ended early"  # noqa: S101  # demo check
         acks.append(ack)
     await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # noqa: S101  # demo check
+    assert await call.code() is grpc.StatusCode.OK  # noqa: S101  # demo check
     assert [a.sequence for a in acks] == [1, 2, 3]  # noqa: S101  # demo check
 
 

@@ -653,7 +653,7 @@ def test_status_reports_what_the_health_endpoint_needs(db: Path) -> None:
 
 def test_config_from_section(tmp_path: Path) -> None:
     file = TomlFile.parse(
-        b'[audit]\ndb = "logs/audit.db"\ncheckpoint_interval = 5\ncheckpoint_every = 500\nwitness_quorum = 2\n',
+        b'[audit]\ndb = "logs/audit.db"\ncheckpoint_interval_seconds = 5\ncheckpoint_every = 500\nwitness_quorum = 2\n',
         tmp_path / "gw.toml",
     )
     cfg = AuditConfig.from_section(file.root().table("audit"))
