@@ -34,6 +34,7 @@ from gateway.audit.store import AuditConfig
 from gateway.directory import NAME_PATTERN, NetworkDirectory, load_directory
 from gateway.errors import ConfigError
 from gateway.purpose import PurposeConfig
+from gateway.ratelimit import RateLimitConfig
 from gateway.token import TokenConfig
 from gateway.tomlconf import Section, TomlFile
 
@@ -118,6 +119,8 @@ class LimitsConfig:
     backend_connect_timeout: float = 2.0
     shutdown_grace: float = 10.0
     max_concurrent_calls: int = 1000
+    peer_failures: int = 5
+    peer_cooldown: float = 5.0
 
     @classmethod
     def from_section(cls, sec: Section) -> LimitsConfig:
@@ -135,6 +138,8 @@ class LimitsConfig:
             ),
             shutdown_grace=sec.number("shutdown_grace_seconds", d.shutdown_grace, minimum=0, maximum=600),
             max_concurrent_calls=sec.integer("max_concurrent_calls", d.max_concurrent_calls, minimum=1, maximum=100000),
+            peer_failures=sec.integer("peer_failures", d.peer_failures, minimum=1, maximum=1000),
+            peer_cooldown=sec.number("peer_cooldown_seconds", d.peer_cooldown, minimum=0.1, maximum=3600),
         )
         if out.default_deadline > out.max_deadline:
             sec.fail("default_deadline_seconds", "must not exceed max_deadline_seconds")
@@ -195,6 +200,7 @@ class GatewayConfig:
     tokens: TokenConfig
     purpose: PurposeConfig
     audit: AuditConfig
+    rate_limits: RateLimitConfig
     log_signing: TlsConfig
     witness_db: Path
     limits: LimitsConfig
@@ -214,7 +220,7 @@ class GatewayConfig:
 
 
 #: Tables parsed later by subsystems that need more than the file to check them.
-SUBSYSTEM_TABLES = ("policy", "rate_limits")
+SUBSYSTEM_TABLES = ("policy",)
 
 
 def _witness_db(sec: Section) -> Path:
@@ -264,6 +270,7 @@ def load_config(path: Path | str) -> GatewayConfig:
         tokens=TokenConfig.from_section(root.table("tokens", required=True)),
         purpose=PurposeConfig.from_section(root.table("purpose", required=True)),
         audit=AuditConfig.from_section(root.table("audit", required=True)),
+        rate_limits=RateLimitConfig.from_section(root.table("rate_limits")),
         log_signing=TlsConfig.from_section(root.table("log_signing", required=True)),
         witness_db=_witness_db(root.table("witness", required=True)),
         limits=LimitsConfig.from_section(root.table("limits")),

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.breaker import Breaker
 from gateway.clock import Clock
 from gateway.directory import CallType
 from gateway.envelope import (
@@ -74,6 +75,8 @@ class RelayClient:
         verifier: EnvelopeVerifier,
         peers: ChannelPool,
         clock: Clock,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 5.0,
     ) -> None:
         self.force = force
         self.gateway_id = gateway_id
@@ -81,6 +84,9 @@ class RelayClient:
         self._verifier = verifier
         self._peers = peers
         self._clock = clock
+        self._breaker_failures = breaker_failures
+        self._breaker_cooldown = breaker_cooldown
+        self.breakers: dict[str, Breaker] = {}
 
     def envelope(self, call: Call, *, digest: bytes | None, count: int) -> Envelope:
         """The request envelope for `call` (its principal and purpose are verified)."""
@@ -112,6 +118,15 @@ class RelayClient:
         call.envelope_signature = signed.signature
         return signed, digest
 
+    def breaker(self, host: str) -> Breaker:
+        """The circuit breaker toward `host`'s gateway."""
+        breaker = self.breakers.get(host)
+        if breaker is None:
+            breaker = self.breakers[host] = Breaker(
+                host, clock=self._clock, failures=self._breaker_failures, cooldown=self._breaker_cooldown
+            )
+        return breaker
+
     async def unary(self, call: Call, request: bytes) -> Reply:
         """Relay a unary call; verify the response seal; return the host's reply."""
         assert call.route is not None  # noqa: S101  # the route stage sets it
@@ -127,13 +142,19 @@ class RelayClient:
             request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString,
             response_deserializer=relay_pb2.UnaryRelayResponse.FromString,
         )
+        breaker = self.breaker(host)
+        breaker.allow()
         try:
             response = await multi(
                 relay_pb2.UnaryRelayRequest(envelope=signed, message=request),
                 timeout=call.remaining(self._clock.monotonic()),
             )
         except grpc.aio.AioRpcError as exc:
-            return reply_from_error(exc, what=f"relay to {host}")
+            return _judge(breaker, exc, what=f"relay to {host}")
+        except BaseException:
+            breaker.release()
+            raise
+        breaker.success()
         message = response.message if response.HasField("message") else None
         answer = MessageDigest()
         if message is not None:
@@ -158,6 +179,20 @@ class RelayClient:
         upstream = RelayUpstream(self, call)
         await upstream.open()
         return upstream
+
+
+def _judge(breaker: Breaker, exc: grpc.aio.AioRpcError, *, what: str) -> Reply:
+    """A failed relay RPC: a refusal the host sent is a reply (the peer is there); ours counts against it."""
+    try:
+        reply = reply_from_error(exc, what=what)
+    except Unavailable:
+        breaker.failure()
+        raise
+    except GatewayError:
+        breaker.release()  # a deadline: the peer may just be slow
+        raise
+    breaker.success()
+    return reply
 
 
 def _reply_from_seal(seal: ResponseSeal, message: bytes | None) -> Reply:
@@ -190,6 +225,9 @@ class RelayUpstream:
             request_serializer=relay_pb2.RelayFrame.SerializeToString,
             response_deserializer=relay_pb2.RelayFrame.FromString,
         )
+        self._breaker = client.breaker(self._host)
+        self._breaker.allow()
+        self._reached = False
         self._rpc = multi(timeout=call.remaining(client._clock.monotonic()))
         self._sent = MessageDigest()
         self._received = MessageDigest()
@@ -253,8 +291,11 @@ class RelayUpstream:
             try:
                 frame: Any = await self._rpc.read()
             except grpc.aio.AioRpcError as exc:
-                self._reply = reply_from_error(exc, what=f"relay to {self._host}")
+                self._reply = _judge(self._breaker, exc, what=f"relay to {self._host}")
                 return None
+            if not self._reached:
+                self._reached = True
+                self._breaker.success()
             if frame is grpc.aio.EOF:
                 raise _unverified(self._host, Unauthenticated("relay stream ended without a response seal"))
             kind = frame.WhichOneof("kind")
@@ -306,6 +347,8 @@ class RelayUpstream:
 
     def cancel(self) -> None:
         """Cancel the relay call."""
+        if not self._reached:
+            self._breaker.release()
         self._rpc.cancel()
 
 

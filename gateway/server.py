@@ -35,6 +35,7 @@ from gateway.admin import AdminServer
 from gateway.audit.recorder import AuditRecorder
 from gateway.audit.setup import build_transparency
 from gateway.audit.witness_grpc import ADD_CHECKPOINT, witness_reply
+from gateway.breaker import BreakerState
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
@@ -56,6 +57,7 @@ from gateway.pipeline import (
     Stage,
     TokenStage,
 )
+from gateway.ratelimit import RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
 from gateway.replay import InMemoryReplayStore
 from gateway.status import status_for
@@ -163,6 +165,14 @@ class Gateway:
             verifier=self.envelope_verifier,
             peers=self.peers,
             clock=self.clock,
+            breaker_failures=limits.peer_failures,
+            breaker_cooldown=limits.peer_cooldown,
+        )
+        self.rate_limiter = RateLimiter(
+            config.rate_limits,
+            forces=config.directory.forces,
+            units=config.directory.units,
+            clock=self.clock,
         )
         self.token_verifier = TokenVerifier(
             config.tokens, force=self.force, keys=build_key_source(config.tokens, self.clock), clock=self.clock
@@ -182,6 +192,7 @@ class Gateway:
                 EnvelopeStage(self.envelope_verifier),
                 RouteStage(self.directory, force=self.force, listener=Listener.PEER),
                 DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
+                RateLimitStage(self.rate_limiter, own_force=self.force),
             ],
             observe=observe,
         )
@@ -246,6 +257,7 @@ class Gateway:
             PurposeStage(self.config.purpose),
             RouteStage(self.directory, force=self.force, listener=Listener.LOCAL),
             DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
+            RateLimitStage(self.rate_limiter, own_force=self.force),
         ]
 
     # -- lifecycle ---------------------------------------------------------------
@@ -468,6 +480,11 @@ class Gateway:
         m.audit_queue_depth.set_function(lambda: float(self.audit_log.status().get("queue_depth", 0)))
         for force in self._directory.forces:
             m.crl_usable.set_function(partial(self._crl_usable, force), force=force)
+            if force != self.force:
+                m.peer_circuit_open.set_function(partial(self._circuit_open, force), force=force)
+
+    def _circuit_open(self, force: str) -> float:
+        return 0.0 if self.relay.breaker(force).state is BreakerState.CLOSED else 1.0
 
     def _crl_usable(self, force: str) -> float:
         return 1.0 if self._trust.crl_status(force, self.clock.now()).usable else 0.0
@@ -489,6 +506,10 @@ class Gateway:
         )
         if call.refusal is not None:
             self.metrics.refusals.inc(stage=call.refusal_stage or "forward", status=status)
+            if call.refusal_stage == "rate-limit":
+                units = call.principal.units if call.principal else ()
+                for unit in units or ("",):
+                    self.metrics.rate_limited.inc(origin_force=origin, unit=unit)
 
     async def record(self, call: Call, event: str) -> None:
         """Record the call durably (the audit stage), then count it; `AuditUnavailable` if it cannot be."""
