@@ -26,13 +26,14 @@ purpose, signing, policy, audit) are parsed by that subsystem's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 from gateway.audit.store import AuditConfig
 from gateway.directory import NAME_PATTERN, NetworkDirectory, load_directory
 from gateway.errors import ConfigError
+from gateway.policy.live import PolicyConfig
 from gateway.purpose import PurposeConfig
 from gateway.ratelimit import RateLimitConfig
 from gateway.token import TokenConfig
@@ -200,13 +201,13 @@ class GatewayConfig:
     tokens: TokenConfig
     purpose: PurposeConfig
     audit: AuditConfig
+    policy: PolicyConfig
     rate_limits: RateLimitConfig
     log_signing: TlsConfig
     witness_db: Path
     limits: LimitsConfig
     revocation: RevocationConfig
     backends: Mapping[str, BackendConfig]
-    sections: Mapping[str, Section] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def trust_domain(self) -> str:
@@ -217,10 +218,6 @@ class GatewayConfig:
     def gateway_id(self) -> str:
         """The SPIFFE ID of the gateway."""
         return self.directory.forces[self.force].gateway_spiffe_id
-
-
-#: Tables parsed later by subsystems that need more than the file to check them.
-SUBSYSTEM_TABLES = ("policy",)
 
 
 def _witness_db(sec: Section) -> Path:
@@ -258,7 +255,6 @@ def load_config(path: Path | str) -> GatewayConfig:
                 field="backends",
             )
 
-    sections = {name: root.table(name) for name in SUBSYSTEM_TABLES}
     config = GatewayConfig(
         path=file.path,
         force=force,
@@ -270,13 +266,13 @@ def load_config(path: Path | str) -> GatewayConfig:
         tokens=TokenConfig.from_section(root.table("tokens", required=True)),
         purpose=PurposeConfig.from_section(root.table("purpose", required=True)),
         audit=AuditConfig.from_section(root.table("audit", required=True)),
+        policy=PolicyConfig.from_section(root.table("policy", required=True)),
         rate_limits=RateLimitConfig.from_section(root.table("rate_limits")),
         log_signing=TlsConfig.from_section(root.table("log_signing", required=True)),
         witness_db=_witness_db(root.table("witness", required=True)),
         limits=LimitsConfig.from_section(root.table("limits")),
         revocation=RevocationConfig.from_section(root.table("revocation")),
         backends=MappingProxyType(backends),
-        sections=MappingProxyType(sections),
     )
     root.finish()
     return config

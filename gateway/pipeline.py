@@ -26,6 +26,7 @@ from gateway.directory import NetworkDirectory, Route
 from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, Unauthenticated
 from gateway.identity import PeerIdentity, TrustStore, Usage
 from gateway.metadata import split_metadata
+from gateway.policy.values import Decision, DecisionRequest
 from gateway.principal import Principal, Purpose
 from gateway.purpose import PurposeConfig, parse_purpose
 from gateway.token import TokenVerifier
@@ -37,6 +38,7 @@ __all__ = [
     "MetadataStage",
     "PeerIdentityStage",
     "Pipeline",
+    "PolicyStage",
     "PurposeStage",
     "RouteStage",
     "Stage",
@@ -79,7 +81,7 @@ class Call:
     #: the verified request envelope (peer listener), from gateway.envelope
     envelope: Any = None
     #: the policy decision, from gateway.policy
-    decision: Any = None
+    decision: Decision | None = None
     #: the first relay frame or request, read before the envelope stage
     relay_request: Any = None
     origin_force: str | None = None
@@ -275,3 +277,37 @@ class PurposeStage:
     async def __call__(self, call: Call) -> None:
         """Set `call.purpose`; `InvalidArgument` if missing or malformed."""
         call.purpose = parse_purpose(call.purpose_fields, self._config)
+
+
+class PolicyStage:
+    """Policy: may this officer, from this origin force, call this method (deny by default).
+
+    The origin force is the TLS peer's (the local force on the local listener,
+    the relaying gateway's force on the peer listener), never a token claim.
+    The caller learns only the decision id and policy version; the audit log
+    gets the rule and the full reason.
+    """
+
+    name = "policy"
+
+    def __init__(self, decide: Callable[[DecisionRequest], Decision], *, own_force: str) -> None:
+        self._decide = decide
+        self._own = own_force
+
+    async def __call__(self, call: Call) -> None:
+        """Set `call.decision`; `PermissionDenied` unless allowed."""
+        if call.principal is None:
+            raise PermissionDenied("no verified principal to decide for")
+        origin = call.origin_force if call.listener is Listener.PEER else self._own
+        if origin is None:
+            raise PermissionDenied("no origin force to decide for")
+        principal = call.principal
+        decision = self._decide(
+            DecisionRequest(origin, principal.units, principal.roles, principal.clearance, call.method)
+        )
+        call.decision = decision
+        if not decision.allowed:
+            raise PermissionDenied(
+                decision.reason,
+                public=f"permission denied (decision {decision.decision_id}, policy {decision.policy_version})",
+            )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -52,10 +53,20 @@ from gateway.pipeline import (
     MetadataStage,
     PeerIdentityStage,
     Pipeline,
+    PolicyStage,
     PurposeStage,
     RouteStage,
     Stage,
     TokenStage,
+)
+from gateway.policy import (
+    Decision,
+    DecisionRequest,
+    Disagreement,
+    PolicyError,
+    PolicyHolder,
+    ShadowPolicy,
+    load_policy,
 )
 from gateway.ratelimit import RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
@@ -168,6 +179,12 @@ class Gateway:
             breaker_failures=limits.peer_failures,
             breaker_cooldown=limits.peer_cooldown,
         )
+        self.policy = PolicyHolder(load_policy(config.policy.dir, config.directory))
+        self.shadow: ShadowPolicy | None = None
+        if config.policy.shadow_dir is not None:
+            self.shadow = ShadowPolicy(
+                self.policy, load_policy(config.policy.shadow_dir, config.directory), self._log_disagreement
+            )
         self.rate_limiter = RateLimiter(
             config.rate_limits,
             forces=config.directory.forces,
@@ -193,6 +210,7 @@ class Gateway:
                 RouteStage(self.directory, force=self.force, listener=Listener.PEER),
                 DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
                 RateLimitStage(self.rate_limiter, own_force=self.force),
+                PolicyStage(self.decide, own_force=self.force),
             ],
             observe=observe,
         )
@@ -258,7 +276,33 @@ class Gateway:
             RouteStage(self.directory, force=self.force, listener=Listener.LOCAL),
             DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
             RateLimitStage(self.rate_limiter, own_force=self.force),
+            PolicyStage(self.decide, own_force=self.force),
         ]
+
+    def decide(self, request: DecisionRequest) -> Decision:
+        """The policy decision for `request` (the live policy; the shadow candidate beside it if configured)."""
+        started = time.perf_counter()
+        decision = self.shadow.decide(request) if self.shadow is not None else self.policy.decide(request)
+        self.metrics.policy_decision.observe(time.perf_counter() - started)
+        return decision
+
+    def _log_disagreement(self, d: Disagreement) -> None:
+        log.warning(
+            "shadow policy %s disagrees: %s for %s from %s (live %s: %s)",
+            d.candidate.policy_version,
+            "allow" if d.candidate.allowed else "deny",
+            d.request.method,
+            d.request.origin_force,
+            d.live.policy_version,
+            "allow" if d.live.allowed else "deny",
+            extra={
+                "shadow_rule": d.candidate.rule,
+                "live_rule": d.live.rule,
+                "units": list(d.request.units),
+                "roles": list(d.request.roles),
+                "decision_id": d.live.decision_id,
+            },
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -298,6 +342,7 @@ class Gateway:
             admin_port = await self._admin.start()
         self.ports = _Ports(local_port, peer_port, admin_port)
         self._install_gauges()
+        self.metrics.set_policy_version(self.policy.current.version)
         self._warn_expiry()
         await self._update_health()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="psngw-watch")
@@ -350,9 +395,13 @@ class Gateway:
                 files.append(force.crl_path)
         return files
 
+    def _policy_files(self) -> list[Path]:
+        roots = [self.config.policy.dir, *([self.config.policy.shadow_dir] if self.config.policy.shadow_dir else [])]
+        return sorted(p for root in roots for p in root.rglob("*") if p.is_file())
+
     def _snapshot(self) -> dict[Path, tuple[int, int] | None]:
         out: dict[Path, tuple[int, int] | None] = {}
-        for path in self._watched_files():
+        for path in [*self._watched_files(), *self._policy_files()]:
             try:
                 st = path.stat()
                 out[path] = (st.st_mtime_ns, st.st_size)
@@ -380,6 +429,7 @@ class Gateway:
                 await asyncio.sleep(min(0.2, interval))
                 seen = self._snapshot()
                 self.reload()
+                await self.reload_policy()
             self._warn_expiry()
 
     def reload(self) -> list[str]:
@@ -428,6 +478,22 @@ class Gateway:
         self.reload_errors = errors
         return errors
 
+    async def reload_policy(self) -> bool:
+        """Build and check the policy off the event loop, then swap it in; a rejected edit keeps the old one."""
+        directory = self._directory
+        try:
+            policy = await asyncio.to_thread(self.policy.reload, self.config.policy.dir, directory)
+            if self.shadow is not None and self.config.policy.shadow_dir is not None:
+                self.shadow.candidate = await asyncio.to_thread(
+                    load_policy, self.config.policy.shadow_dir, directory, isolate=True
+                )
+        except PolicyError as exc:
+            self.metrics.policy_reload_failures.inc()
+            log.error("policy reload rejected, keeping %s: %s", self.policy.current.version, exc)
+            return False
+        self.metrics.set_policy_version(policy.version)
+        return True
+
     def _certificates(self) -> dict[str, Any]:
         certs = {"tls": self._tls.certificate, "signing": self._signer.certificate}
         for force in self._directory.forces:
@@ -467,6 +533,18 @@ class Gateway:
             "crl": crls,
             "expiring_certificates": [{"certificate": c, "days_left": round(d, 1)} for c, d in self.expiring],
             "reload_errors": self.reload_errors,
+            "policy": {
+                "version": self.policy.current.version,
+                "last_error": self.policy.last_error,
+                "reload_failures": self.policy.reload_failures,
+                "shadow": None
+                if self.shadow is None
+                else {
+                    "version": self.shadow.candidate.version,
+                    "evaluated": self.shadow.evaluated,
+                    "disagreements": self.shadow.disagreements,
+                },
+            },
         }
 
     async def _update_health(self) -> None:

@@ -1129,7 +1129,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from gateway.config import load_config  # noqa: PLC0415  # only this command needs the whole config
 
     config = load_config(args.config)
-    tokens = TokenConfig.from_section(config.sections["tokens"])
+    tokens = config.tokens
     presented = sys.stdin.read().strip() if args.presented == "-" else str(args.presented)
     clock = SystemClock()
     verifier = TokenVerifier(tokens, force=config.force, keys=build_key_source(tokens, clock), clock=clock)

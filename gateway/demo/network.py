@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import shutil
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from gateway import pki
 from gateway.config import GatewayConfig, load_config
 from gateway.demo.apps import AppServer, start_app
 from gateway.directory import NetworkDirectory, load_directory
+from gateway.errors import ConfigError
 from gateway.server import Gateway
 from gateway.token import DevIdp, init_dev_idp
 
@@ -43,55 +46,6 @@ CLIENT_APP = "analyst-desk"
 
 #: Justification codes the demo gateways accept.
 PURPOSE_CODES = ("investigation", "intelligence-development", "safeguarding", "custody-management", "court-preparation")
-
-_APPLICATIONS = """
-[applications.intel-search]
-name = "Intelligence search"
-host = "thames-valley"
-min_clearance = "SC"
-[applications.intel-search.services."psn.demo.intel.v1.IntelligenceSearch"]
-Search = "unary"
-StreamMatches = "server_stream"
-
-[applications.custody-records]
-name = "Custody records"
-host = "hampshire"
-min_clearance = "NPPV2"
-[applications.custody-records.services."psn.demo.custody.v1.CustodyRecords"]
-GetRecord = "unary"
-BulkLookup = "client_stream"
-
-[applications.case-files]
-name = "Case files"
-host = "surrey"
-min_clearance = "NPPV3"
-[applications.case-files.services."psn.demo.casefiles.v1.CaseFiles"]
-FetchDocument = "server_stream"
-Review = "bidi_stream"
-"""
-
-_UNITS = """
-[units.serocu]
-name = "South East Regional Organised Crime Unit"
-
-[units.jou]
-name = "South East Joint Operations Unit"
-
-[units.cted]
-name = "Counter Terrorism Policing South East"
-
-[units.tvp-cid]
-name = "Thames Valley CID"
-force = "thames-valley"
-
-[units.hants-custody]
-name = "Hampshire Custody"
-force = "hampshire"
-
-[units.surrey-mcit]
-name = "Surrey Major Crime Investigation Team"
-force = "surrey"
-"""
 
 _ECHO = """
 [applications.echo-{force}]
@@ -155,30 +109,48 @@ class NetworkLayout:
         return f"127.0.0.1:{self.ports[force].local}"
 
 
+def policies_source() -> Path:
+    """The policies/ folder of the source tree: the demo network's policy and directory."""
+    path = Path(__file__).resolve().parents[2] / "policies"
+    if not (path / "directory.example.toml").is_file():
+        raise ConfigError(
+            "the demo needs the project's policies/ folder (run it from a clone of psn-gateway)", file=path
+        )
+    return path
+
+
 def _directory_text(ports: Mapping[str, ForcePorts], *, echo: bool) -> str:
-    lines = [
-        "# psn-gateway network directory (generated for the demo: fictional forces data, loopback addresses)",
-        f'network = "{NETWORK}"',
-        'clearance_levels = ["NPPV1", "NPPV2", "NPPV3", "SC", "DV"]',
-        'roles = ["investigator", "analyst", "supervisor", "custody-officer"]',
-        "",
-    ]
-    for force, (display, _) in FORCES.items():
-        lines += [
-            f"[forces.{force}]",
-            f'name = "{display}"',
-            f'ca = "pki/{force}/ca.pem"',
-            f'crl = "pki/{force}/crl.pem"',
-            f'peer_address = "127.0.0.1:{ports[force].peer}"',
-            f'clients = ["{CLIENT_APP}"]',
-            f'log_cert = "pki/{force}/log-signing.pem"',
-            "",
-        ]
-    text = "\n".join(lines) + _UNITS + _APPLICATIONS
+    """The policies' example directory, on this run's loopback ports, with log certificates (and echo apps)."""
+    text = (policies_source() / "directory.example.toml").read_text()
+    for force in FORCES:
+        section = re.compile(rf"(\[forces\.{force}\][^\[]*?)peer_address = \"[^\"]*\"", re.S)
+        text, n = section.subn(
+            rf'\g<1>peer_address = "127.0.0.1:{ports[force].peer}"\nlog_cert = "pki/{force}/log-signing.pem"', text
+        )
+        if n != 1:
+            raise ConfigError(f"no peer_address for force {force}", file=policies_source() / "directory.example.toml")
+    header = "# Generated for the demo from policies/directory.example.toml, on loopback ports.\n"
+    text = header + text
     if echo:
         for n, force in enumerate(FORCES, start=1):
             text += _ECHO.format(force=force, n=n)
     return text
+
+
+def _copy_policies(root: Path, *, echo: bool) -> Path:
+    """The policy, copied beside the network (so that tests may edit it), with echo rules for the benchmark."""
+    target = root / "policies"
+    shutil.copytree(policies_source(), target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.html"))
+    if echo:
+        with (target / "groups.csv").open("a") as groups:
+            groups.write("\n# The benchmark's echo applications (generated).\n")
+            for n, force in enumerate(FORCES, start=1):
+                groups.write(f"g2, /psn.bench.v1.Echo{n}/*, app:echo-{force}\n")
+        rows = [f"p, unit:serocu, {caller}, app:echo-{host}, allow" for host in FORCES for caller in FORCES]
+        (target / "rules" / "echo.csv").write_text(
+            "# The benchmark's echo applications (generated).\n" + "\n".join(rows) + "\n"
+        )
+    return target
 
 
 def _config_text(force: str, ports: ForcePorts, hosted: Iterable[str]) -> str:
@@ -202,6 +174,9 @@ def _config_text(force: str, ports: ForcePorts, hosted: Iterable[str]) -> str:
         "",
     ]
     lines += [
+        "[policy]  # which units may reach which applications (psngw policy ...)",
+        'dir = "policies"',
+        "",
         "[tokens]  # officer tokens from this force's identity provider (here the UNSAFE development one)",
         f'issuer = "{idp_issuer(force)}"',
         f'audience = "{idp_audience(force)}"',
@@ -253,6 +228,7 @@ def write_network(root: Path, *, echo: bool = False) -> NetworkLayout:
     (root / "audit").mkdir(mode=0o700, exist_ok=True)
     directory_path = root / "directory.toml"
     directory_path.write_text(_directory_text(ports, echo=echo))
+    _copy_policies(root, echo=echo)
     material = pki.init_network(load_directory(directory_path), overwrite=True)
     idps = {force: init_dev_idp(root / "idp" / force, overwrite=True) for force in FORCES}
     configs = {}

@@ -41,8 +41,16 @@ class Officer:
     clearance: str
 
 
-#: A regional-unit detective with SC clearance: the policy lets them reach every application.
+#: A regional organised-crime detective with SC clearance.
 DETECTIVE = Officer("DC-1001", ("serocu",), ("investigator",), "SC")
+
+#: Each force's own custody unit (a force's unit is accepted only from that force).
+_CUSTODY_UNIT = {"thames-valley": "tvp-custody", "hampshire": "hants-custody", "surrey": "surrey-custody"}
+
+
+def custody_officer(force: str) -> Officer:
+    """A custody sergeant of `force`: bulk custody look-ups are theirs alone."""
+    return Officer("PS-2002", (_CUSTODY_UNIT[force],), ("custody-officer",), "NPPV3")
 
 
 @dataclass(frozen=True)
@@ -250,11 +258,28 @@ def _local_cert_step(caller: str, target: str, expected: str, note: str) -> Step
 def demo_steps() -> list[Step]:
     """Every step of the tour, in order."""
     steps = [
-        _call_step(force, method, "OK", "allowed: regional unit, SC clearance")
+        _call_step(force, method, "OK", "allowed: SEROCU detective, SC")
+        if method != "BulkLookup"
+        else _call_step(force, method, "OK", "allowed: the force's custody unit", officer=custody_officer(force))
         for force in FORCES
         for method in _METHODS
     ]
     steps += [
+        _call_step("hampshire", "BulkLookup", "PERMISSION_DENIED", "policy: regional units may not bulk-look-up"),
+        _call_step(
+            "surrey",
+            "Search",
+            "PERMISSION_DENIED",
+            "policy: custody staff never search intelligence",
+            officer=custody_officer("surrey"),
+        ),
+        _call_step(
+            "thames-valley",
+            "Search",
+            "PERMISSION_DENIED",
+            "vetting: NPPV3 below intel-search's SC",
+            officer=Officer("DC-3003", ("serocu",), ("investigator",), "NPPV3"),
+        ),
         _call_step(
             "surrey",
             "GetRecord",

@@ -42,9 +42,13 @@ def test_server_stream(intel: intel_pb2_grpc.IntelligenceSearchStub) -> None:
     assert got == ["IR-0001", "IR-0002", "IR-0004"]
 
 
+CUSTODY_UNIT = {"hampshire": "hants-custody", "thames-valley": "tvp-custody"}
+
+
 @pytest.mark.parametrize("force", ["hampshire", "thames-valley"])
 def test_client_stream(net: NetworkThread, force: str) -> None:
-    with net.officer_channel(force) as ch:
+    # Bulk look-ups are for each force's custody unit (policies/rules/custody-records.csv).
+    with net.officer_channel(force, units=(CUSTODY_UNIT[force],), roles=("custody-officer",), clearance="NPPV3") as ch:
         stub = custody_pb2_grpc.CustodyRecordsStub(ch)
         numbers = [f"HC/{n:05d}/26" for n in (1, 2, 3)] + ["HC/88888/26"]
         summary = stub.BulkLookup((custody_pb2.GetRecordRequest(custody_number=n) for n in numbers), timeout=10)
