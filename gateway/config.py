@@ -92,6 +92,8 @@ class SigningConfig:
     key: Path
     window: float = 120.0
     replay_capacity: int = 200_000
+    #: the replay store shared by worker processes (``--workers N``); default beside the audit log
+    replay_db: Path | None = None
 
     @classmethod
     def from_section(cls, sec: Section) -> SigningConfig:
@@ -102,6 +104,7 @@ class SigningConfig:
             key=sec.file_path("key"),
             window=sec.number("window_seconds", d.window, minimum=1, maximum=3600),
             replay_capacity=sec.integer("replay_capacity", d.replay_capacity, minimum=1000, maximum=10_000_000),
+            replay_db=sec.file_path("replay_db", None),
         )
         sec.finish()
         return out

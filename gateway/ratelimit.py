@@ -56,6 +56,18 @@ class RateLimitConfig:
     unit: Limit = Limit(200.0, 400.0)
     overrides: Mapping[str, Limit] = field(default_factory=dict)
 
+    def per_worker(self, workers: int) -> RateLimitConfig:
+        """The share of each limit one of `workers` processes enforces (connections spread evenly)."""
+        if workers <= 1:
+            return self
+
+        def share(limit: Limit) -> Limit:
+            return Limit(limit.rate / workers, max(1.0, limit.burst / workers))
+
+        return RateLimitConfig(
+            share(self.force), share(self.unit), MappingProxyType({k: share(v) for k, v in self.overrides.items()})
+        )
+
     @classmethod
     def from_section(cls, sec: Section) -> RateLimitConfig:
         """Parse the `[rate_limits]` table (all keys optional)."""

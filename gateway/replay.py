@@ -11,8 +11,9 @@ ones (`ResourceExhausted`) rather than forgetting old ones early: forgetting
 would let a replay through. Size it above the peak call rate times twice the
 window.
 
-`ReplayStore` is the seam (STYLE.md 2): a shared store (several gateway
-processes of one force) would implement the same protocol.
+`ReplayStore` is the seam (STYLE.md 2). `SqliteReplayStore` is the shared
+one: several worker processes of one gateway (``psngw serve --workers N``)
+must all see every id, whichever worker a connection landed on.
 
 Owns: remembering ids until they expire. Does not own: the time window or the
 envelope checks (`gateway.envelope`).
@@ -21,12 +22,14 @@ envelope checks (`gateway.envelope`).
 from __future__ import annotations
 
 import heapq
+import sqlite3
 import threading
+from pathlib import Path
 from typing import Protocol
 
-from gateway.errors import ResourceExhausted
+from gateway.errors import AuditUnavailable, ResourceExhausted
 
-__all__ = ["InMemoryReplayStore", "ReplayStore"]
+__all__ = ["InMemoryReplayStore", "ReplayStore", "SqliteReplayStore"]
 
 
 class ReplayStore(Protocol):
@@ -85,3 +88,62 @@ class InMemoryReplayStore:
             expires_at, request_id = heapq.heappop(heap)
             if self._seen.get(request_id) == expires_at:
                 del self._seen[request_id]
+
+
+class SqliteReplayStore:
+    """A replay store shared by the worker processes of one gateway (one SQLite file, WAL).
+
+    ``INSERT OR IGNORE`` on the request id is the atomic check-and-remember
+    across processes. Expired ids are deleted now and then. The file is local
+    state, not evidence: synchronous=NORMAL (a crash may forget the last few
+    ids; they expire within the window anyway, and the issue-time check still
+    applies). If the file cannot be used, `remember` fails closed.
+    """
+
+    def __init__(self, path: Path, *, max_entries: int = 1_000_000, busy_timeout: float = 2.0) -> None:
+        self._path = path
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._inserts = 0
+        try:
+            self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS replay (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID"
+            )
+            self._conn.execute("CREATE INDEX IF NOT EXISTS replay_expires ON replay (expires)")
+            self._count = int(self._conn.execute("SELECT count(*) FROM replay").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"replay store {path} unusable: {exc}") from exc
+
+    def remember(self, request_id: str, expires_at: float, now: float) -> bool:
+        """Record `request_id` until `expires_at`; False if any worker has seen it inside the window."""
+        with self._lock:
+            try:
+                if self._inserts % 1000 == 0:
+                    self._conn.execute("DELETE FROM replay WHERE expires < ?", (now,))
+                    self._count = int(self._conn.execute("SELECT count(*) FROM replay").fetchone()[0])
+                self._inserts += 1
+                row = self._conn.execute("SELECT expires FROM replay WHERE id = ?", (request_id,)).fetchone()
+                if row is not None and row[0] >= now:
+                    return False
+                if expires_at < now:
+                    return True
+                if self._count >= self._max:
+                    raise ResourceExhausted(f"replay store full: {self._max} request ids inside the window")
+                cur = self._conn.execute(
+                    "INSERT INTO replay (id, expires) VALUES (?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET expires = excluded.expires WHERE replay.expires < ?",
+                    (request_id, expires_at, now),
+                )
+                if cur.rowcount != 1:
+                    return False  # another worker remembered it between our read and our write
+                self._count += 1
+                return True
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"replay store {self._path} unusable: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()

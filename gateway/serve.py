@@ -3,6 +3,14 @@
 SIGTERM and SIGINT stop taking new calls and let calls in flight finish within
 the configured grace period. SIGHUP reloads certificates, CRLs, the directory
 and the policy (they are also reloaded when their files change).
+
+``--workers N`` runs N gateway processes on the same listeners (SO_REUSEPORT):
+the kernel spreads *connections* over them, so peers open several connections
+each (``[limits] peer_channels``). Every worker appends to the force's one
+audit log (SQLite sequences the records: one tree, in order); worker 0 alone
+signs checkpoints, collects cosignatures and serves the admin listener. The
+parent process supervises: a worker that dies is restarted, and a stop signal
+is passed on to every worker.
 """
 
 from __future__ import annotations
@@ -11,23 +19,28 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import signal
+import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from gateway.config import load_config
+from gateway.errors import ConfigError
 from gateway.logs import configure_logging
 
-__all__ = ["register_cli", "run_gateway"]
+__all__ = ["register_cli", "run_gateway", "supervise"]
 
 log = logging.getLogger("psngw.serve")
 
 
-async def run_gateway(config_path: Path) -> int:
+async def run_gateway(config_path: Path, *, worker: int = 0, workers: int = 1) -> int:
     """Load the config, start the gateway, serve until a stop signal."""
     from gateway.server import Gateway  # noqa: PLC0415  # the server pulls in grpc: keep `psngw --help` fast
 
     config = load_config(config_path)
-    gateway = Gateway(config)
+    gateway = Gateway(config, worker=worker, workers=workers)
     await gateway.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -40,12 +53,67 @@ async def run_gateway(config_path: Path) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    configure_logging(level=args.log_level, json_format=args.log_format == "json")
+def _install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415  # optional: only when installed
 
         uvloop.install()
+
+
+def _worker_main(config: Path, worker: int, workers: int, level: str, json_format: bool) -> None:
+    configure_logging(level=level, json_format=json_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, with SIGTERM
+    _install_uvloop()
+    raise SystemExit(asyncio.run(run_gateway(config, worker=worker, workers=workers)))
+
+
+def supervise(config: Path, workers: int, *, level: str = "info", json_format: bool = True) -> int:
+    """Run `workers` gateway processes; restart any that dies; stop them all on SIGTERM/SIGINT."""
+    parsed = load_config(config)  # fail here, once, with file:line, not N times in the children
+    for address in (parsed.listeners.local, parsed.listeners.peer):
+        if address.endswith(":0"):
+            raise ConfigError("workers need fixed listener ports, not 0", file=config, field="listeners")
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(i: int) -> BaseProcess:
+        process = ctx.Process(
+            target=_worker_main, args=(config, i, workers, level, json_format), name=f"psngw-worker-{i}"
+        )
+        process.start()
+        return process
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs = {i: start(i) for i in range(workers)}
+    restarts: dict[int, float] = {}
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in list(procs.items()):
+            if not process.is_alive() and not stopping:
+                # Back off a worker that keeps dying (a bad file, a port taken) instead of spinning.
+                wait = 1.0 if time.monotonic() - restarts.get(i, 0.0) > 10 else 5.0
+                log.error("worker %d exited with %s; restarting in %.0f s", i, process.exitcode, wait)
+                time.sleep(wait)
+                restarts[i] = time.monotonic()
+                procs[i] = start(i)
+    for process in procs.values():
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    for process in procs.values():
+        process.join(parsed.limits.shutdown_grace + 5)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(level=args.log_level, json_format=args.log_format == "json")
+    if args.workers > 1:
+        return supervise(args.config, args.workers, level=args.log_level, json_format=args.log_format == "json")
+    _install_uvloop()
     return asyncio.run(run_gateway(args.config))
 
 
@@ -55,9 +123,18 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "serve",
         help="run one force's gateway",
         description="Run one force's gateway until SIGTERM/SIGINT (graceful); SIGHUP reloads certificates, "
-        "CRLs, directory and policy.",
+        "CRLs, directory and policy. With --workers N, N processes share the listeners (SO_REUSEPORT) and "
+        "the force's one audit log.",
     )
     p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        choices=range(1, 65),
+        metavar="N",
+        help="gateway processes on the same listeners (1-64; default 1)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="operator log format (stderr)")
     p.set_defaults(func=_serve)

@@ -70,7 +70,7 @@ from gateway.policy import (
 )
 from gateway.ratelimit import RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
-from gateway.replay import InMemoryReplayStore
+from gateway.replay import InMemoryReplayStore, ReplayStore, SqliteReplayStore
 from gateway.status import status_for
 from gateway.tls import ChannelPool, KeyPair, ServerTls
 from gateway.token import TokenVerifier, build_key_source
@@ -136,8 +136,19 @@ class ContextDownstream:
 class Gateway:
     """One force's gateway: start it, serve, stop it."""
 
-    def __init__(self, config: GatewayConfig, *, clock: Clock | None = None, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Clock | None = None,
+        recorder: Recorder | None = None,
+        worker: int = 0,
+        workers: int = 1,
+    ) -> None:
         self.config = config
+        #: this process's number among `workers` processes serving the same listeners (SO_REUSEPORT)
+        self.worker = worker
+        self.workers = workers
         self.force = config.force
         self.clock: Clock = clock or SystemClock()
         self._directory = config.directory
@@ -146,10 +157,10 @@ class Gateway:
         )
         self.registry = Registry()
         self.metrics = GatewayMetrics(self.registry)
-        self.transparency = build_transparency(config, self._trust, self.clock)
+        self.transparency = build_transparency(config, self._trust, self.clock, checkpointer=worker == 0)
         self.audit_log = self.transparency.log
         self.recorder: Recorder = recorder or AuditRecorder(
-            self.audit_log, gateway=config.gateway_id, force=self.force, clock=self.clock
+            self.audit_log, gateway=config.gateway_id, force=self.force, clock=self.clock, worker=worker
         )
         self._tls = KeyPair.load(config.tls.cert, config.tls.key)
         self._local_tls = ServerTls(self._tls, self._roots())
@@ -165,7 +176,7 @@ class Gateway:
             trust=self.trust,
             own_force=self.force,
             window=config.signing.window,
-            replay=InMemoryReplayStore(config.signing.replay_capacity),
+            replay=self._replay_store(),
             clock=self.clock,
             max_deadline=limits.max_deadline,
         )
@@ -186,7 +197,7 @@ class Gateway:
                 self.policy, load_policy(config.policy.shadow_dir, config.directory), self._log_disagreement
             )
         self.rate_limiter = RateLimiter(
-            config.rate_limits,
+            config.rate_limits.per_worker(workers),
             forces=config.directory.forces,
             units=config.directory.units,
             clock=self.clock,
@@ -260,6 +271,14 @@ class Gateway:
             }
         )
 
+    def _replay_store(self) -> ReplayStore:
+        """In-process for one worker; shared through SQLite when several workers serve the same listeners."""
+        signing = self.config.signing
+        if self.workers == 1:
+            return InMemoryReplayStore(signing.replay_capacity)
+        path = signing.replay_db or self.config.audit.db.with_name(f"{self.force}-replay.db")
+        return SqliteReplayStore(path, max_entries=signing.replay_capacity)
+
     def signer(self) -> Signer:
         """The current signing key and certificate."""
         return self._signer
@@ -312,7 +331,7 @@ class Gateway:
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_metadata_size", limits.max_metadata_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
@@ -324,7 +343,8 @@ class Gateway:
         for message in report.messages:
             log.warning("audit log: %s", message)
         log.info("audit log open: %d records, last checkpoint at %d", report.records, report.checkpoint_size)
-        self.transparency.register_witnesses(self.peers.channel, timeout=self.config.audit.witness_timeout)
+        if self.worker == 0:  # one process signs checkpoints and collects cosignatures for the force
+            self.transparency.register_witnesses(self.peers.channel, timeout=self.config.audit.witness_timeout)
         local = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
         local.add_generic_rpc_handlers((_LocalHandler(self),))
         self._add_health(local)
@@ -337,7 +357,7 @@ class Gateway:
         await peer.start()
         self._local_server, self._peer_server = local, peer
         admin_port = None
-        if self.config.listeners.admin is not None:
+        if self.config.listeners.admin is not None and self.worker == 0:
             self._admin = AdminServer(self.config.listeners.admin, registry=self.registry, health=self.health)
             admin_port = await self._admin.start()
         self.ports = _Ports(local_port, peer_port, admin_port)

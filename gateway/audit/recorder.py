@@ -79,8 +79,9 @@ def record_for(call: Call, event: str, *, gateway: str, force: str, now: float, 
 class AuditRecorder:
     """Records calls in the force's audit log (durable) and the operator log."""
 
-    def __init__(self, log: AuditLog, *, gateway: str, force: str, clock: Clock) -> None:
+    def __init__(self, log: AuditLog, *, gateway: str, force: str, clock: Clock, worker: int = 0) -> None:
         self.log = log
+        self._worker = worker
         self._gateway = gateway
         self._force = force
         self._clock = clock
@@ -111,5 +112,6 @@ class AuditRecorder:
                 "refusal_stage": record.refusal_stage or None,
                 "refusal_reason": record.refusal_reason or None,
                 "audit_index": result.index,
+                "worker": self._worker,
             },
         )

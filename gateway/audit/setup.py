@@ -112,8 +112,14 @@ def log_public_key(pem: bytes) -> ed25519.Ed25519PublicKey:
     return key
 
 
-def build_transparency(config: GatewayConfig, trust: TrustStore, clock: Clock) -> Transparency:
-    """The audit log (not yet opened) and the witness of this gateway."""
+def build_transparency(
+    config: GatewayConfig, trust: TrustStore, clock: Clock, *, checkpointer: bool = True
+) -> Transparency:
+    """The audit log (not yet opened) and the witness of this gateway.
+
+    With several worker processes, each appends to the same log (SQLite sequences
+    them) and only the `checkpointer` signs checkpoints and collects cosignatures.
+    """
     key, cert_pem = _log_key(config)
     td = config.trust_domain
     audit_log = AuditLog(
@@ -122,6 +128,7 @@ def build_transparency(config: GatewayConfig, trust: TrustStore, clock: Clock) -
         signer=NoteSigner(log_origin(td), key),
         clock=clock,
         certificate=cert_pem,
+        checkpointer=checkpointer,
     )
     peers = peer_logs(config, trust, clock.now())
     logs = {log_origin(p.trust_domain): NoteVerifier(log_origin(p.trust_domain), p.public_key) for p in peers}

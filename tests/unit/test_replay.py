@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,3 +69,31 @@ def test_matches_a_simple_model(events: list[tuple[str, int, int]]) -> None:
         assert store.remember(request_id, now + lifetime, now) is expected
         if expected:
             model[request_id] = now + lifetime
+
+
+def test_sqlite_store_is_shared_between_processes(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from gateway.replay import SqliteReplayStore
+
+    path = tmp_path / "replay.db"
+    store = SqliteReplayStore(path)
+    assert store.remember("a", 200.0, 100.0)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        # Another worker process sees "a" and remembers "b".
+        assert pool.apply(_remember_in_child, (str(path), "a")) is False
+        assert pool.apply(_remember_in_child, (str(path), "b")) is True
+    assert store.remember("b", 200.0, 100.0) is False
+    assert store.remember("a", 400.0, 300.0) is True  # expired: no replay possible, so remembered anew
+    store.close()
+
+
+def _remember_in_child(path: str, request_id: str) -> bool:
+    from gateway.replay import SqliteReplayStore
+
+    store = SqliteReplayStore(Path(path))
+    try:
+        return store.remember(request_id, 200.0, 100.0)
+    finally:
+        store.close()
