@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
 import pytest
 
 from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
