@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jwt
 import pytest
@@ -741,10 +741,9 @@ def test_cli_verify_prints_the_principal_or_the_reason(
 
     class _Config:
         force = FORCE
-        sections: ClassVar[dict[str, Any]] = {"tokens": None}
+        tokens = cfg
 
     monkeypatch.setattr(gateway.config, "load_config", lambda path: _Config())
-    monkeypatch.setattr(TokenConfig, "from_section", classmethod(lambda cls, sec: cfg))
     assert cli.main(["token", "verify", "--config", "x.toml", good]) == 0
     assert "officer tvp-1 of thames-valley" in capsys.readouterr().out
     assert cli.main(["token", "verify", "--config", "x.toml", good[:-4] + "AAAA"]) == 1
