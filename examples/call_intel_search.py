@@ -1,12 +1,13 @@
 r"""Call the intelligence search application through your force's gateway, with your ordinary stubs.
 
-Run the demo first (``make demo`` writes ``demo.json``), then, as an analyst in
-Hampshire searching Thames Valley's intelligence::
+Start a network first (``psngw demo up --dir demo-net`` writes ``demo-net/demo.json``
+and keeps running), then, as a SEROCU analyst in Hampshire searching Thames
+Valley's intelligence::
 
-    python examples/call_intel_search.py demo/demo.json --force hampshire \
+    python examples/call_intel_search.py demo-net/demo.json --force hampshire \
         --officer hc-4711 --unit serocu --role analyst --clearance SC \
         --code investigation --case OP-ORCHID-17 --text "Blue van seen near the depot" \
-        "BLUE TRANSIT"
+        ALPHA
 
 The officer's token here comes from the demo's UNSAFE development identity
 provider; a real application gets it from the force's identity provider and

@@ -22,7 +22,7 @@ verifying the gateway against the force CA and its server name
         purpose=Purpose("investigation", "OP-ORCHID-17", "Vehicle sighting follow-up"),
     )
     stub = intel_pb2_grpc.IntelligenceSearchStub(channel)
-    reply = stub.Search(intel_pb2.SearchRequest(subject="BLUE TRANSIT"))
+    reply = stub.Search(intel_pb2.SearchRequest(subject="ALPHA"))
     # another purpose for one call:
     other = Purpose("safeguarding", "INC-2291", "Welfare check")
     stub.Search(request, metadata=client.purpose_metadata(other))

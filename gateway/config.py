@@ -277,5 +277,8 @@ def load_config(path: Path | str) -> GatewayConfig:
         revocation=RevocationConfig.from_section(root.table("revocation")),
         backends=MappingProxyType(backends),
     )
+    for name in config.rate_limits.overrides:
+        if name not in directory.forces:
+            raise file.error(("rate_limits", "forces", name), f"no force {name!r} in the network directory")
     root.finish()
     return config

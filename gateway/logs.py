@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging", "request_logger"]
+__all__ = ["JsonFormatter", "configure_logging"]
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime", "taskName"})
 
@@ -43,15 +43,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(*, level: str = "info", json_format: bool = True) -> None:
-    """Send the `psngw` loggers to stderr, as JSON lines by default."""
+    """Send every logger (``psngw.*``, ``gateway.*``, libraries) to stderr, as JSON lines by default."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("psngw")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    root.propagate = False
-
-
-def request_logger(name: str, request_id: str, **fields: Any) -> logging.LoggerAdapter[logging.Logger]:
-    """A logger whose every line carries `request_id` (and `fields`)."""
-    return logging.LoggerAdapter(logging.getLogger(name), {"request_id": request_id, **fields})

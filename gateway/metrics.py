@@ -620,8 +620,10 @@ class GatewayMetrics:
     ``psngw_calls_in_flight{listener}`` gauge
         Calls in progress now (compare with ``limits.max_concurrent_calls``).
     ``psngw_stage_duration_seconds{stage}`` histogram
-        Time in each pipeline stage: ``peer-identity``, ``route``, ``deadline``,
-        ``token``, ``purpose``, ``policy``, ``envelope``, ``forward``, ``audit``.
+        Time in each pipeline stage: ``peer-identity``, ``metadata``, ``token``,
+        ``purpose``, ``route``, ``deadline``, ``rate-limit``, ``policy``,
+        ``envelope`` (peer listener), ``forward`` (the upstream call: backend or
+        relay) and ``audit`` (the durable record).
     ``psngw_refusals_total{stage, status}`` counter
         Calls refused, by the stage that refused and the status returned.
     ``psngw_rate_limited_total{origin_force, unit}`` counter
@@ -689,10 +691,12 @@ class GatewayMetrics:
     #: Pipeline stage names, as ``psngw_stage_duration_seconds`` labels them.
     STAGES: ClassVar[tuple[str, ...]] = (
         "peer-identity",
-        "route",
-        "deadline",
+        "metadata",
         "token",
         "purpose",
+        "route",
+        "deadline",
+        "rate-limit",
         "policy",
         "envelope",
         "forward",

@@ -10,7 +10,7 @@ each (``[limits] peer_channels``). Every worker appends to the force's one
 audit log (SQLite sequences the records: one tree, in order); worker 0 alone
 signs checkpoints, collects cosignatures and serves the admin listener. The
 parent process supervises: a worker that dies is restarted, and a stop signal
-is passed on to every worker.
+and SIGHUP (reload) are passed on to every worker.
 """
 
 from __future__ import annotations
@@ -87,9 +87,16 @@ def supervise(config: Path, workers: int, *, level: str = "info", json_format: b
         nonlocal stopping
         stopping = True
 
+    def reload(_signum: int, _frame: object) -> None:
+        for process in procs.values():
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = {i: start(i) for i in range(workers)}
+    procs: dict[int, BaseProcess] = {}
+    signal.signal(signal.SIGHUP, reload)  # passed on: each worker reloads its own copy
+    procs.update({i: start(i) for i in range(workers)})
     restarts: dict[int, float] = {}
     while not stopping:
         time.sleep(0.2)

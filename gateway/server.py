@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +42,7 @@ from gateway.config import GatewayConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
 from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound
-from gateway.forward import BackendUpstream, Metadata, Reply, Upstream, backend_unary, pump_stream
+from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstream, backend_unary, pump_stream
 from gateway.identity import TrustStore, load_trust_store
 from gateway.metadata import backend_metadata
 from gateway.metrics import GatewayMetrics, Registry
@@ -75,10 +75,13 @@ from gateway.status import status_for
 from gateway.tls import ChannelPool, KeyPair, ServerTls
 from gateway.token import TokenVerifier, build_key_source
 
-__all__ = ["Gateway", "Recorder"]
+__all__ = ["REQUEST_ID_KEY", "Gateway", "Recorder"]
 
 log = logging.getLogger("psngw.server")
 _PEM = Encoding.PEM
+
+#: The trailing metadata key in which a caller gets the gateway's request id (also in the audit log).
+REQUEST_ID_KEY = "psn-request-id"
 
 #: The servicer context of the gateway's handlers (raw bytes locally, relay frames on the peer listener).
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -507,9 +510,8 @@ class Gateway:
                 self.shadow.candidate = await asyncio.to_thread(
                     load_policy, self.config.policy.shadow_dir, directory, isolate=True
                 )
-        except PolicyError as exc:
-            self.metrics.policy_reload_failures.inc()
-            log.error("policy reload rejected, keeping %s: %s", self.policy.current.version, exc)
+        except PolicyError:
+            self.metrics.policy_reload_failures.inc()  # gateway.policy.live logged why
             return False
         self.metrics.set_policy_version(policy.version)
         return True
@@ -575,7 +577,12 @@ class Gateway:
     def _install_gauges(self) -> None:
         m = self.metrics
         m.audit_healthy.set_function(lambda: 1.0 if self.audit_log.healthy else 0.0)
-        m.audit_queue_depth.set_function(lambda: float(self.audit_log.status().get("queue_depth", 0)))
+        m.audit_queue_depth.set_function(lambda: float(self.audit_log.status()["queue_depth"]))
+        m.checkpoint_size.set_function(lambda: float(self.audit_log.status()["last_checkpoint_size"]))
+        m.witness_quorum_required.set(float(self.config.audit.witness_quorum))
+        m.witness_quorum_reached.set_function(lambda: 1.0 if self.audit_log.status()["quorum"]["reached"] else 0.0)
+        m.checkpoint_cosignatures.set_function(self._cosignatures)
+        self.audit_log.on_commit = self._observe_commit
         for force in self._directory.forces:
             m.crl_usable.set_function(partial(self._crl_usable, force), force=force)
             if force != self.force:
@@ -583,6 +590,15 @@ class Gateway:
 
     def _circuit_open(self, force: str) -> float:
         return 0.0 if self.relay.breaker(force).state is BreakerState.CLOSED else 1.0
+
+    def _cosignatures(self) -> float:
+        size = self.audit_log.status()["last_checkpoint_size"]
+        witnesses = self.audit_log.status()["witnesses"].values()
+        return float(sum(1 for w in witnesses if w["size"] >= size > 0))
+
+    def _observe_commit(self, seconds: float, records: int) -> None:
+        self.metrics.audit_commit.observe(seconds)
+        self.metrics.audit_records.inc(records)
 
     def _crl_usable(self, force: str) -> float:
         return 1.0 if self._trust.crl_status(force, self.clock.now()).usable else 0.0
@@ -657,7 +673,7 @@ class Gateway:
         except GatewayError as audit_exc:
             code, exc = status_for(audit_exc), audit_exc
             log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
-        await context.abort(code, exc.public)
+        await context.abort(code, exc.public, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
 
     async def finish(self, call: Call, reply: Reply, context: Context, event: str) -> bytes | None:
         """Record the outcome durably, then release the reply to the caller."""
@@ -667,10 +683,10 @@ class Gateway:
             await self.record(call, event)
         except GatewayError as exc:
             await self.refuse(call, exc, context)
+        trailing = (*reply.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
         if not reply.ok:
-            await context.abort(reply.code, reply.details, trailing_metadata=reply.trailing_metadata)
-        if reply.trailing_metadata:
-            context.set_trailing_metadata(reply.trailing_metadata)
+            await context.abort(reply.code, reply.details, trailing_metadata=trailing)
+        context.set_trailing_metadata(trailing)
         return reply.message
 
     def _record_cancelled(self, call: Call, event: str) -> None:
@@ -678,13 +694,24 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(self.record(call, event))
         task.add_done_callback(_log_task_error)
 
+    async def _forward_timed(self, forward: Awaitable[Reply]) -> Reply:
+        started = self.clock.monotonic()
+        try:
+            return await forward
+        finally:
+            self._observe_stage("forward", self.clock.monotonic() - started)
+
     async def local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
         """A unary call from an application of this force."""
+        with self._in_flight(Listener.LOCAL):
+            return await self._local_unary(method, request, context)
+
+    async def _local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
         call = self.new_call(Listener.LOCAL, method, context)
         call.request_messages = 1
         try:
             await self.local_pipeline.admit(call)
-            reply = await self.forward_unary(call, request)
+            reply = await self._forward_timed(self.forward_unary(call, request))
         except GatewayError as exc:
             await self.refuse(call, exc, context)
         except asyncio.CancelledError:
@@ -698,6 +725,10 @@ class Gateway:
 
     async def local_stream(self, method: str, context: Context) -> None:
         """A streaming call (any direction) from an application of this force."""
+        with self._in_flight(Listener.LOCAL):
+            await self._local_stream(method, context)
+
+    async def _local_stream(self, method: str, context: Context) -> None:
         call = self.new_call(Listener.LOCAL, method, context)
         opened = False
         try:
@@ -707,7 +738,7 @@ class Gateway:
             await self.record(call, "stream-open")
             opened = True
             downstream = ContextDownstream(context, call, max_requests=None if call_type.client_streams else 1)
-            reply = await pump_stream(downstream, await self.open_upstream(call))
+            reply = await self._forward_timed(self._pump(downstream, call))
         except GatewayError as exc:
             await self.refuse(call, exc, context)
         except asyncio.CancelledError:
@@ -715,7 +746,19 @@ class Gateway:
             raise
         await self.finish(call, reply, context, "stream-close")
 
+    @contextlib.contextmanager
+    def _in_flight(self, listener: Listener) -> Iterator[None]:
+        gauge = self.metrics.calls_in_flight
+        gauge.inc(listener=listener.value)
+        try:
+            yield
+        finally:
+            gauge.dec(listener=listener.value)
+
     # -- forwarding ---------------------------------------------------------------------
+
+    async def _pump(self, downstream: Downstream, call: Call) -> Reply:
+        return await pump_stream(downstream, await self.open_upstream(call))
 
     def backend_metadata(self, call: Call) -> Metadata:
         """The caller's pass-through metadata, and what the backend is told in the gateway's own headers."""
@@ -790,6 +833,12 @@ class Gateway:
         self, request: relay_pb2.UnaryRelayRequest, context: PeerContext
     ) -> relay_pb2.UnaryRelayResponse:
         """A unary call relayed by another force's gateway."""
+        with self._in_flight(Listener.PEER):
+            return await self._peer_unary(request, context)
+
+    async def _peer_unary(
+        self, request: relay_pb2.UnaryRelayRequest, context: PeerContext
+    ) -> relay_pb2.UnaryRelayResponse:
         call = self.new_call(Listener.PEER, _RELAY_UNARY, context)
         call.relay_request = request
         try:
@@ -798,7 +847,7 @@ class Gateway:
             await self.refuse(call, exc, context)
         try:
             await self._peer_admit(call, context)
-            reply = await self.forward_unary(call, request.message)
+            reply = await self._forward_timed(self.forward_unary(call, request.message))
         except GatewayError as exc:
             reply = self._refusal_reply(call, exc)
         except asyncio.CancelledError:
@@ -859,6 +908,10 @@ class Gateway:
 
     async def peer_stream(self, context: PeerContext) -> None:
         """A streaming call relayed by another force's gateway."""
+        with self._in_flight(Listener.PEER):
+            await self._peer_stream(context)
+
+    async def _peer_stream(self, context: PeerContext) -> None:
         call = self.new_call(Listener.PEER, _RELAY_STREAM, context)
         downstream: RelayHostDownstream | None = None
         opened = False
@@ -875,8 +928,7 @@ class Gateway:
             downstream = RelayHostDownstream(context, call, self.envelope_verifier)
             await self.record(call, "stream-open")
             opened = True
-            upstream = await self.open_upstream(call)
-            reply = await pump_stream(downstream, upstream)
+            reply = await self._forward_timed(self._pump(downstream, call))
         except GatewayError as exc:
             if call.envelope is None:
                 raise

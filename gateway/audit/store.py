@@ -632,6 +632,8 @@ class AuditLog:
         self._collect_event: asyncio.Event | None = None
         self._collect_task: asyncio.Task[None] | None = None
         self._collect_stop = False
+        #: told (seconds, records) after each group commit, from the writer thread (metrics)
+        self.on_commit: Callable[[float, int], None] | None = None
         #: test seams: run on every new connection, and at named points of a write ("commit", "probe")
         self._on_connect: Callable[[sqlite3.Connection], None] | None = None
         self._faults: Callable[[str], None] | None = None
@@ -1072,6 +1074,8 @@ class AuditLog:
         s.last_batch = len(rows)
         s.last_commit_ms = (time.perf_counter() - started) * 1000
         self._inflight = []
+        if self.on_commit is not None:
+            self.on_commit(s.last_commit_ms / 1000, len(rows))
         self._settle(batch, done)
 
     def _catch_up(self, conn: sqlite3.Connection) -> list[bytes]:

@@ -158,3 +158,20 @@ def test_an_unwritable_audit_log_closes_the_gate_and_it_reopens(net: NetworkThre
     officer = f"DC-{uuid.uuid4().hex[:8]}"
     assert search(net, "thames-valley", officer) is grpc.StatusCode.OK
     assert [r.status for r in records(net, "thames-valley", officer=officer)] == ["OK"]
+
+
+def test_the_caller_gets_the_request_id_of_its_records(net: NetworkThread) -> None:
+    officer = f"DC-{uuid.uuid4().hex[:8]}"
+    with net.officer_channel("hampshire", officer=officer) as ch:
+        _, call = intel_pb2_grpc.IntelligenceSearchStub(ch).Search.with_call(
+            intel_pb2.SearchRequest(subject="alpha"), timeout=10
+        )
+        request_id = dict(call.trailing_metadata())["psn-request-id"]
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary("/psn.demo.nothing.v1.X/Y")(b"", timeout=10)
+        refused_id = dict(err.value.trailing_metadata())["psn-request-id"]
+    [origin] = records(net, "hampshire", officer=officer, status="OK")
+    [host] = records(net, "thames-valley", officer=officer)
+    assert origin.request_id == host.request_id == request_id
+    [refused] = records(net, "hampshire", officer=officer, status="NOT_FOUND")
+    assert refused.request_id == refused_id
