@@ -16,7 +16,12 @@ is believed only if:
 
 `TrustStore` is an immutable snapshot of CA certificates and CRLs; reloading
 makes a new one. The expensive, time-independent checks are cached per
-certificate fingerprint; time and revocation are checked on every use.
+certificate fingerprint; time and revocation are checked on every use. On a
+reload, a CA certificate or CRL file that fails to load keeps the last good one
+(`load_trust_store(..., previous=...)`), so one broken file neither blocks the
+other forces' new revocations nor drops a force whose CRL in force is still
+fresh; a CRL older than the one in force is refused (a rollback would
+un-revoke).
 
 Owns: certificate verification. Does not own: issuing certificates
 (`gateway.pki`), the TLS handshake (grpc), or reading files except in
@@ -31,8 +36,9 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -208,8 +214,11 @@ class TrustStore:
         *,
         crl_grace: float = 3600.0,
         require_crl: bool = True,
+        load_errors: Sequence[str] = (),
     ) -> None:
         self.directory = directory
+        #: What the load that made this store rejected, each naming its file (the last good value was kept).
+        self.load_errors: tuple[str, ...] = tuple(load_errors)
         self._cas = dict(cas)
         self._crl_grace = crl_grace
         self._require_crl = require_crl
@@ -226,10 +235,14 @@ class TrustStore:
             return None, "no CRL", frozenset()
         if isinstance(crl, str):  # the reason it could not be loaded
             return None, crl, frozenset()
-        ca = self._cas[force]
-        if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]  # CRL keys are EC here
+        if not _signed_by(crl, self._cas[force]):
             return None, "CRL is not signed by the force's CA", frozenset()
         return crl, "ok", frozenset(r.serial_number for r in crl)
+
+    def _good_crl(self, force: str, ca: x509.Certificate) -> x509.CertificateRevocationList | None:
+        """The CRL this store holds for `force` if it was accepted and `ca` signed it (for a reload to keep)."""
+        crl = self._crls.get(force, (None, "", frozenset()))[0]
+        return crl if crl is not None and _signed_by(crl, ca) else None
 
     @property
     def forces(self) -> tuple[str, ...]:
@@ -367,6 +380,32 @@ class TrustStore:
         return out
 
 
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]  # CA keys are EC or Ed25519
+    except (TypeError, ValueError):  # a key type the CRL's signature algorithm does not fit
+        return False
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _rollback(new: x509.CertificateRevocationList, current: x509.CertificateRevocationList) -> str | None:
+    """Why `new` is older than `current` (same issuer), or None if it is not."""
+    new_number, current_number = _crl_number(new), _crl_number(current)
+    if new_number is not None and current_number is not None:
+        if new_number < current_number:
+            return f"CRL number {new_number} is lower than {current_number}"
+        return None
+    if new.last_update_utc < current.last_update_utc:
+        return f"thisUpdate {_iso(new.last_update_utc)} is earlier than {_iso(current.last_update_utc)}"
+    return None
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -374,34 +413,100 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what}: {exc.strerror or exc}", file=path) from exc
 
 
-def load_trust_store(directory: NetworkDirectory, *, crl_grace: float = 3600.0, require_crl: bool = True) -> TrustStore:
+def load_trust_store(
+    directory: NetworkDirectory,
+    *,
+    crl_grace: float = 3600.0,
+    require_crl: bool = True,
+    previous: TrustStore | None = None,
+) -> TrustStore:
     """Read every force's CA certificate and CRL named by the directory.
 
-    A CA certificate that cannot be read or parsed is a `ConfigError` (the
-    gateway cannot start, or a reload is rejected). A CRL that cannot be read
-    or parsed is not: that force's certificates are refused until it is fixed.
+    At start (`previous` None), a CA certificate that cannot be read or parsed
+    is a `ConfigError` (the gateway cannot start); a CRL that cannot be read or
+    parsed is not: that force's certificates are refused until it is fixed.
+
+    On a reload, `previous` is the store in force, and a part that fails keeps
+    its last good value from it, with the failure in the new store's
+    `load_errors` (one `ConfigError` line each, naming the file):
+
+    - a CA certificate that cannot be read or parsed (a force new to the
+      directory has no last good one: that is still a `ConfigError`);
+    - a CRL that is missing, unreadable, not signed by the force's CA, or older
+      than the CRL in force (a lower CRL number, or without numbers an earlier
+      thisUpdate): replaying an old CRL that is still fresh would un-revoke.
+
+    A kept CRL still goes stale at its own nextUpdate plus the grace.
     """
     cas: dict[str, x509.Certificate] = {}
     crls: dict[str, x509.CertificateRevocationList | str | None] = {}
+    errors: list[str] = []
     for force in directory.forces.values():
-        raw = _read(force.ca_path, f"CA certificate of force {force.name}")
         try:
-            ca = x509.load_pem_x509_certificate(raw)
-        except ValueError as exc:
-            raise ConfigError(f"not a PEM certificate: {exc}", file=force.ca_path) from exc
-        try:
-            bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        if bc is None or not bc.ca:
-            raise ConfigError(
-                f"CA certificate of force {force.name} is not a CA (basicConstraints)", file=force.ca_path
-            )
+            ca = _load_ca(force.name, force.ca_path)
+        except ConfigError as exc:
+            kept_ca = previous._cas.get(force.name) if previous is not None else None
+            if kept_ca is None:
+                raise
+            errors.append(f"{exc} (keeping the last good CA certificate)")
+            ca = kept_ca
         cas[force.name] = ca
         crls[force.name] = None
         if force.crl_path is not None:
-            try:
-                crls[force.name] = x509.load_pem_x509_crl(force.crl_path.read_bytes())
-            except (OSError, ValueError) as exc:
-                crls[force.name] = f"CRL {force.crl_path} missing or unreadable ({exc})"
-    return TrustStore(directory, cas, crls, crl_grace=crl_grace, require_crl=require_crl)
+            kept = previous._good_crl(force.name, ca) if previous is not None else None
+            crls[force.name] = _load_crl(force.crl_path, ca, kept, errors)
+    return TrustStore(directory, cas, crls, crl_grace=crl_grace, require_crl=require_crl, load_errors=errors)
+
+
+def _load_ca(force: str, path: Path) -> x509.Certificate:
+    raw = _read(path, f"CA certificate of force {force}")
+    try:
+        ca = x509.load_pem_x509_certificate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}", file=path) from exc
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise ConfigError(f"CA certificate of force {force} is not a CA (basicConstraints)", file=path)
+    return ca
+
+
+def _load_crl(
+    path: Path, ca: x509.Certificate, kept: x509.CertificateRevocationList | None, errors: list[str]
+) -> x509.CertificateRevocationList | str:
+    """The CRL at `path`; or, if it fails and there is one, the `kept` CRL in force (noting why in `errors`)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        if kept is None:
+            return f"CRL {path} missing or unreadable ({exc})"
+        problem = f"CRL missing or unreadable ({exc})"
+    else:
+        if kept is None:
+            return crl  # not signed by the CA: the store refuses it, and the force with it (fail closed)
+        if not _signed_by(crl, ca):
+            problem = "CRL is not signed by the force's CA"
+        else:
+            rollback = _rollback(crl, kept)
+            if rollback is None:
+                return crl
+            problem = f"CRL is older than the CRL in force ({rollback}): refusing a rollback"
+    number = _crl_number(kept)
+    errors.append(
+        str(
+            ConfigError(
+                f"{problem}; keeping the last good CRL (number {number}, nextUpdate {_next_update(kept)})", file=path
+            )
+        )
+    )
+    return kept
+
+
+def _next_update(crl: x509.CertificateRevocationList) -> str:
+    return _iso(crl.next_update_utc) if crl.next_update_utc is not None else "none"
+
+
+def _iso(when: datetime) -> str:
+    return f"{when:%Y-%m-%dT%H:%M:%SZ}"

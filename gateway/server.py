@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -43,7 +44,7 @@ from gateway.directory import CallType, NetworkDirectory, load_directory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
 from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound
 from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstream, backend_unary, pump_stream
-from gateway.identity import TrustStore, load_trust_store
+from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
 from gateway.metrics import GatewayMetrics, Registry
 from gateway.pipeline import (
@@ -468,14 +469,19 @@ class Gateway:
             directory = self._directory
         try:
             trust = load_trust_store(
-                directory, crl_grace=self.config.revocation.crl_grace, require_crl=self.config.revocation.require_crl
+                directory,
+                crl_grace=self.config.revocation.crl_grace,
+                require_crl=self.config.revocation.require_crl,
+                previous=self._trust,
             )
             self._directory, self._trust = directory, trust
+            errors.extend(trust.load_errors)
         except ConfigError as exc:
             errors.append(str(exc))
         try:
             keypair = KeyPair.load(self.config.tls.cert, self.config.tls.key)
             if keypair.fingerprint != self._tls.fingerprint:
+                self._check_own(keypair.certificate, Usage.SERVER, self.config.tls.cert)
                 self._tls = keypair
                 self.backends.rebuild(keypair)
                 self.peers.rebuild(keypair)
@@ -487,6 +493,8 @@ class Gateway:
         self._set_channel_targets()
         try:
             signer = Signer.from_files(self.config.signing.cert, self.config.signing.key)
+            if signer.certificate != self._signer.certificate:
+                self._check_own(signer.certificate, Usage.SIGNING, self.config.signing.cert)
             self._signer = signer
         except ConfigError as exc:
             errors.append(str(exc))
@@ -515,6 +523,15 @@ class Gateway:
             return False
         self.metrics.set_policy_version(policy.version)
         return True
+
+    def _check_own(self, cert: x509.Certificate, usage: Usage, path: Path) -> None:
+        """A rotated certificate of this gateway must be one its peers will accept: refuse it otherwise."""
+        try:
+            identity = self._trust.verify(cert, usage, self.clock.now())
+        except GatewayError as exc:
+            raise ConfigError(f"new certificate refused: {exc.reason}", file=path) from exc
+        if identity.spiffe_id != self.config.gateway_id:
+            raise ConfigError(f"new certificate is {identity.spiffe_id}, not {self.config.gateway_id}", file=path)
 
     def _certificates(self) -> dict[str, Any]:
         certs = {"tls": self._tls.certificate, "signing": self._signer.certificate}
