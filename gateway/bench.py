@@ -1261,6 +1261,7 @@ class BenchOptions:
     clearance: str = "SC"
     call_timeout: float = 30.0
     keep_rate_limits: bool = False
+    signing_key: str = "ed25519"
 
     def as_json(self) -> dict[str, Any]:
         """The options as they go into the report."""
@@ -1278,6 +1279,7 @@ class BenchOptions:
             "components": self.components,
             "gateway_log_level": self.gateway_log_level,
             "keep_rate_limits": self.keep_rate_limits,
+            "signing_key": self.signing_key,
             "loop": self.loop,
             "principal": {"units": [self.unit], "roles": [self.role], "clearance": self.clearance},
         }
@@ -1405,7 +1407,7 @@ class _Bench:
     def start(self) -> None:
         from gateway.demo.network import FORCES, write_network  # noqa: PLC0415  # pulls in the gateway
 
-        layout = write_network(self.root, echo=True)
+        layout = write_network(self.root, echo=True, signing_key=self.options.signing_key)
         self.layout = layout
         if not self.options.keep_rate_limits:
             for path in layout.configs.values():
@@ -2251,6 +2253,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         role=args.role,
         clearance=args.clearance,
         keep_rate_limits=args.keep_rate_limits,
+        signing_key=args.signing_key,
     )
 
 
@@ -2369,6 +2372,12 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="auto",
         choices=("auto", "asyncio", "uvloop"),
         help="event loop of the load generator and the backends (auto: uvloop when installed)",
+    )
+    p.add_argument(
+        "--signing-key",
+        choices=("ed25519", "p256"),
+        default="ed25519",
+        help="the gateways' envelope-signing key type (default ed25519, as psngw pki issues it)",
     )
     p.add_argument(
         "--keep-rate-limits",

@@ -277,24 +277,23 @@ class TrustStore:
         Raises `Unauthenticated` if it is not to be believed, and
         `RevocationDataUnavailable` if its force's CRL is unusable.
         """
+        # The cache is keyed by the bytes as presented (PEM or DER), so a repeated
+        # certificate costs one hash, not a parse; the fingerprint is of the DER.
         if isinstance(cert, x509.Certificate):
             parsed: x509.Certificate | None = cert
-            der = cert.public_bytes(Encoding.DER)
+            key = hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
         else:
             parsed = None
-            der = (
-                cert
-                if not cert.lstrip().startswith(b"-----BEGIN")
-                else load_certificate(cert).public_bytes(Encoding.DER)
-            )
-        key = hashlib.sha256(der).digest()
+            key = hashlib.sha256(cert).digest()
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
         if cached is None:
             try:
-                cached = self._verify_static(parsed or load_certificate(der), key.hex())
+                certificate = parsed or load_certificate(cert)  # type: ignore[arg-type]  # bytes when not parsed
+                fingerprint = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+                cached = self._verify_static(certificate, fingerprint)
             except Unauthenticated as exc:
                 cached = exc
             except _MALFORMED as exc:  # cryptography parses extensions lazily

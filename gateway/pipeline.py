@@ -15,7 +15,6 @@ directory, a clock); none opens a socket.
 from __future__ import annotations
 
 import enum
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from gateway.clock import Clock
 from gateway.directory import NetworkDirectory, Route
 from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, Unauthenticated
 from gateway.identity import PeerIdentity, TrustStore, Usage
+from gateway.ids import new_id
 from gateway.metadata import split_metadata
 from gateway.policy.values import Decision, DecisionRequest
 from gateway.principal import Principal, Purpose
@@ -55,8 +55,8 @@ class Listener(enum.StrEnum):
 
 
 def new_request_id() -> str:
-    """A fresh 128-bit request id, hex."""
-    return os.urandom(16).hex()
+    """A fresh 128-bit request id, hex (`gateway.ids`)."""
+    return new_id()
 
 
 @dataclass

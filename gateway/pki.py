@@ -722,7 +722,11 @@ def inspect_certificate(path: Path, *, now: datetime | None = None) -> dict[str,
 
 
 def init_network(
-    directory: NetworkDirectory, *, overwrite: bool = False, now: datetime | None = None
+    directory: NetworkDirectory,
+    *,
+    overwrite: bool = False,
+    now: datetime | None = None,
+    signing_key_type: str | None = None,
 ) -> dict[str, ForceMaterial]:
     """Make the whole PKI of a network directory: for every force, its CA and every leaf it needs.
 
@@ -731,7 +735,8 @@ def init_network(
     CA if unset), and the key, inventory and leaves beside it: ``gateway-tls``,
     ``gateway-signing``, ``log-signing``, ``app-<name>-server`` for each application
     the force hosts and ``app-<name>-client`` for each of its ``clients``. Nothing is
-    written if any file exists and `overwrite` is false.
+    written if any file exists and `overwrite` is false. `signing_key_type` (``ed25519``,
+    the default, or ``p256``) is the key type of the gateways' envelope-signing keys.
     """
     at = _now(now)
     plans: dict[str, _CaPlan] = {}
@@ -757,6 +762,7 @@ def init_network(
             crl_path=force.crl_path or ca_dir / "crl.pem",
             servers=hosted,
             clients=force.clients,
+            signing_key_type=signing_key_type,
         )
     for plan in plans.values():
         plan.check_free(overwrite)
@@ -779,6 +785,7 @@ class _CaPlan:
     crl_path: Path
     servers: tuple[str, ...] = ()
     clients: tuple[str, ...] = ()
+    signing_key_type: str | None = None
 
     @classmethod
     def single(cls, ca_dir: Path, *, force: str, network: str, display_name: str | None, days: int) -> _CaPlan:
@@ -854,8 +861,15 @@ class _CaPlan:
             state = self.create(at, overwrite=overwrite)
             made: dict[str, Issued] = {}
             for kind, app, stem in self.leaf_stems():
+                key_type = self.signing_key_type if kind is CertKind.GATEWAY_SIGNING else None
                 made[stem] = state.issue(
-                    state.key, kind, out_stem=self.ca_dir / stem, app=app, overwrite=overwrite, now=at
+                    state.key,
+                    kind,
+                    out_stem=self.ca_dir / stem,
+                    app=app,
+                    key_type=key_type,
+                    overwrite=overwrite,
+                    now=at,
                 )
             crl = state.publish_crl(state.key, now=at, next_update_days=7)
             state.save()

@@ -214,8 +214,11 @@ def idp_audience(force: str) -> str:
     return f"psn-gateway/{force}"
 
 
-def write_network(root: Path, *, echo: bool = False) -> NetworkLayout:
-    """Write directory, PKI and configs for the three demo forces under `root`."""
+def write_network(root: Path, *, echo: bool = False, signing_key: str | None = None) -> NetworkLayout:
+    """Write directory, PKI and configs for the three demo forces under `root`.
+
+    `signing_key` chooses the gateways' envelope-signing key type (``ed25519`` by default, or ``p256``).
+    """
     root.mkdir(parents=True, exist_ok=True)
     hosted: dict[str, tuple[str, ...]] = {
         force: (app, *((f"echo-{force}",) if echo else ())) for force, (_, app) in FORCES.items()
@@ -229,7 +232,7 @@ def write_network(root: Path, *, echo: bool = False) -> NetworkLayout:
     directory_path = root / "directory.toml"
     directory_path.write_text(_directory_text(ports, echo=echo))
     _copy_policies(root, echo=echo)
-    material = pki.init_network(load_directory(directory_path), overwrite=True)
+    material = pki.init_network(load_directory(directory_path), overwrite=True, signing_key_type=signing_key)
     idps = {force: init_dev_idp(root / "idp" / force, overwrite=True) for force in FORCES}
     configs = {}
     for force in FORCES:

@@ -28,13 +28,12 @@ Owns: `Policy` (immutable, cheap to share between threads) and
 from __future__ import annotations
 
 import hashlib
-import itertools
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.directory import NetworkDirectory
+from gateway.ids import new_id
 from gateway.policy._pace import no_pacing
 from gateway.policy.files import ParsedPolicy
 from gateway.policy.values import AppLink, Decision, DecisionRequest, Finding, GroupLink, Rule
@@ -47,34 +46,9 @@ MAX_SUBJECTS = 64
 _QUOTE_MAX = 64
 
 
-class _DecisionIds:
-    """Decision ids: a keyed BLAKE2b of a counter, 16 bytes, hex.
-
-    Unique (one counter per process, a new key after a fork) and unguessable
-    without the key, like 16 random bytes; but made without a system call:
-    `os.urandom` releases the GIL, which would let any other thread run in the
-    middle of a decision.
-    """
-
-    def __init__(self) -> None:
-        self.rekey()
-        os.register_at_fork(after_in_child=self.rekey)
-
-    def rekey(self) -> None:
-        self._key = os.urandom(32)
-        self._counter = itertools.count()
-
-    def new(self) -> str:
-        count = next(self._counter).to_bytes(16, "big")
-        return hashlib.blake2b(count, key=self._key, digest_size=16).hexdigest()
-
-
-_IDS = _DecisionIds()
-
-
 def new_decision_id() -> str:
-    """A fresh decision id: 32 hex digits, unique and unguessable."""
-    return _IDS.new()
+    """A fresh decision id (see `gateway.ids`)."""
+    return new_id()
 
 
 def _q(value: str) -> str:
