@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gateway.errors import InvalidArgument
 
@@ -93,14 +93,34 @@ class MerkleTree:
     Appending a leaf hashes only the subtrees it completes (one node hash on average); the root of
     any earlier size and every proof are assembled from at most O(log n) stored or combined hashes.
 
+    With `dense_levels` L and a `leaves` source, levels below L are kept only for the block of
+    2**L leaves still being filled: memory is about 64/2**L bytes per leaf instead of 64 (with
+    L = 8, a quarter of a byte), and a node of a finished block is recomputed when a root or
+    proof needs it from the block's leaf hashes, which `leaves(start, end)` returns (the
+    concatenated hashes of leaves [start, end), e.g. read back from the log's database).
+
     Not thread-safe: one writer, or a lock around it.
     """
 
-    __slots__ = ("_levels", "_size")
+    __slots__ = ("_base", "_dense", "_leaves", "_levels", "_size")
 
-    def __init__(self, leaf_hashes: Iterable[bytes] = ()) -> None:
+    def __init__(
+        self,
+        leaf_hashes: Iterable[bytes] = (),
+        *,
+        dense_levels: int | None = None,
+        leaves: Callable[[int, int], bytes] | None = None,
+    ) -> None:
+        if (dense_levels is None) != (leaves is None):
+            raise TreeError("dense_levels and leaves go together")
+        if dense_levels is not None and not 1 <= dense_levels <= 24:
+            raise TreeError("dense_levels must be 1..24")
         self._levels: list[bytearray] = [bytearray()]
         self._size = 0
+        self._dense = dense_levels
+        self._leaves = leaves
+        #: per level below `dense_levels`: how many nodes from the front were dropped
+        self._base: list[int] = [0] * (dense_levels or 0)
         self.extend(leaf_hashes)
 
     @property
@@ -128,6 +148,8 @@ class MerkleTree:
                 levels.append(bytearray())
             levels[level] += digest
             n >>= 1
+        if self._dense is not None:
+            self._prune()
         return index
 
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
@@ -153,19 +175,43 @@ class MerkleTree:
             src = levels[level]
             step = 2 * HASH_SIZE
             prefix = _NODE_PREFIX
+            # Positions in the stored level: node indexes minus the nodes pruned from its front.
+            shift = (self._base[level] if level < len(self._base) else 0) * HASH_SIZE
             parents = b"".join(
-                [_sha256(prefix + src[off : off + step]).digest() for off in range(first * step, last * step, step)]
+                [
+                    _sha256(prefix + src[off - shift : off - shift + step]).digest()
+                    for off in range(first * step, last * step, step)
+                ]
             )
             level += 1
             if level == len(levels):
                 levels.append(bytearray())
             levels[level] += parents
             old_count, new_count = first, last
+        if self._dense is not None:
+            self._prune()
+
+    def use_leaves(self, leaves: Callable[[int, int], bytes]) -> None:
+        """Read the leaves of finished blocks from `leaves` from now on (a pruned tree only)."""
+        if self._dense is None:
+            raise TreeError("only a pruned tree (dense_levels) reads its leaves back")
+        self._leaves = leaves
+
+    def _prune(self) -> None:
+        """Drop the nodes below the dense levels that belong to finished blocks."""
+        assert self._dense is not None  # noqa: S101  # only called when pruning
+        blocks = self._size >> self._dense
+        for level in range(self._dense):
+            keep_from = blocks << (self._dense - level)
+            drop = keep_from - self._base[level]
+            if drop > 0:
+                del self._levels[level][: drop * HASH_SIZE]
+                self._base[level] = keep_from
 
     def leaf(self, index: int) -> bytes:
         """Return the leaf hash at `index`."""
         _check_index(index, self._size)
-        return bytes(self._levels[0][index * HASH_SIZE : (index + 1) * HASH_SIZE])
+        return self._node(0, index)
 
     def root(self, size: int | None = None) -> bytes:
         """Return the root of the tree made of the first `size` leaves (default: all of them)."""
@@ -231,7 +277,20 @@ class MerkleTree:
         return size
 
     def _node(self, level: int, index: int) -> bytes:
-        return bytes(self._levels[level][index * HASH_SIZE : (index + 1) * HASH_SIZE])
+        base = self._base[level] if level < len(self._base) else 0
+        if index >= base:
+            pos = (index - base) * HASH_SIZE
+            return bytes(self._levels[level][pos : pos + HASH_SIZE])
+        # A node of a finished block: recompute it from its leaves.
+        assert self._leaves is not None  # noqa: S101  # only pruned trees have a base
+        start, end = index << level, (index + 1) << level
+        data = self._leaves(start, end)
+        if len(data) != (end - start) * HASH_SIZE:
+            raise TreeError(f"leaf source gave {len(data)} bytes for leaves {start}..{end - 1}")
+        nodes = [data[i : i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
+        while len(nodes) > 1:
+            nodes = [node_hash(nodes[i], nodes[i + 1]) for i in range(0, len(nodes), 2)]
+        return nodes[0]
 
     def _range_hash(self, start: int, end: int) -> bytes:
         """MTH of leaves [start, end), where `start` is aligned to a power of two >= end - start.

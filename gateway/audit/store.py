@@ -135,6 +135,8 @@ _SCHEMA = (
 _INDEX_KEY = b'"index":'
 _IDLE_WAIT = 0.2  # real seconds between the checkpointer's looks at its clock when idle
 _PROBE_BYTES = 8192
+#: Tree levels kept in memory only for the block being filled: 2**8 leaves a block.
+_DENSE_LEVELS = 8
 
 
 class LogCorrupted(ConfigError):
@@ -612,8 +614,10 @@ class AuditLog:
         self._inflight: list[_Pending] = []
         self._state = "new"  # new -> open -> closing -> closed
         self._healthy = False
-        self._tree = MerkleTree()
+        self._tree = self._new_tree()
         self._tree_lock = threading.Lock()
+        self._leaf_conn: sqlite3.Connection | None = None
+        self._leaf_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
@@ -821,7 +825,8 @@ class AuditLog:
                 f" {stored}..{cp_size - 1} are missing, refusing to start",
                 file=db,
             )
-        tree = MerkleTree(hashes[:good])
+        # While starting, the pruned tree reads finished blocks from the hashes in hand; then from the file.
+        tree = self._new_tree(hashes[:good], leaves=lambda s, e: b"".join(hashes[s:e]))
         if latest is not None and tree.root(cp_size) != latest.root:
             sizes = self._verified_checkpoints(reader)
             where = first_divergence(tree, sizes)
@@ -849,11 +854,28 @@ class AuditLog:
                 len(truncated),
                 good,
             )
+        tree.use_leaves(self._read_leaves)
         self._tree = tree
         self._cp_size = cp_size
         self._cp_note = note
         self._cp_time = latest.signed_at if latest is not None else None
         return StartupReport(tree.size, cp_size, created=created, truncated=truncated, messages=tuple(messages))
+
+    def _new_tree(self, hashes: Sequence[bytes] = (), leaves: Callable[[int, int], bytes] | None = None) -> MerkleTree:
+        """The in-memory tree: levels below 8 only for the block being filled (a flat memory footprint)."""
+        return MerkleTree(hashes, dense_levels=_DENSE_LEVELS, leaves=leaves or self._read_leaves)
+
+    def _read_leaves(self, start: int, end: int) -> bytes:
+        """The stored leaf hashes of records [start, end), for the tree's finished blocks."""
+        with self._leaf_lock:
+            if self._leaf_conn is None:
+                self._leaf_conn = sqlite3.connect(
+                    "file:" + _uri_path(self.config.db) + "?mode=ro", uri=True, check_same_thread=False
+                )
+            rows = self._leaf_conn.execute(
+                "SELECT leaf_hash FROM records WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+            ).fetchall()
+        return b"".join(bytes(r[0]) for r in rows)
 
     def _check_checkpoint(self, reader: LogReader, latest: StoredCheckpoint) -> Note:
         db = self.config.db
@@ -1411,6 +1433,10 @@ class AuditLog:
             if not job.future.done():
                 job.future.set_exception(AuditUnavailable("the audit log closed"))
         self._shutdown_connection()
+        with self._leaf_lock:
+            if self._leaf_conn is not None:
+                self._leaf_conn.close()
+                self._leaf_conn = None
         self._release_lock()
 
     async def close(self) -> None:

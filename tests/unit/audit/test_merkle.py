@@ -486,3 +486,51 @@ def test_bench_tree_build_rate() -> None:
     for key, value in figures.items():
         print(f"  {key:24} {value:,.3f}")
     assert figures["extend_leaves_per_s"] > 0
+
+
+# -- the pruned tree (dense levels + a leaf source) ---------------------------------------------
+
+
+@pytest.mark.parametrize("dense", [1, 2, 3, 5])
+@pytest.mark.parametrize("by", ["append", "extend"])
+def test_a_pruned_tree_answers_exactly_like_a_full_one(dense: int, by: str) -> None:
+    hashes = [leaf_hash(i.to_bytes(4, "big")) for i in range(150)]
+    store = b"".join(hashes)
+    reads: list[tuple[int, int]] = []
+
+    def leaves(start: int, end: int) -> bytes:
+        reads.append((start, end))
+        return store[start * 32 : end * 32]
+
+    full = MerkleTree(hashes)
+    pruned = MerkleTree(dense_levels=dense, leaves=leaves)
+    if by == "append":
+        for h in hashes:
+            pruned.append(h)
+    else:
+        for chunk in range(0, 150, 17):
+            pruned.extend(hashes[chunk : chunk + 17])
+    assert pruned.size == full.size
+    for size in range(1, 151, 7):
+        assert pruned.root(size) == full.root(size)
+        for index in range(0, size, 5):
+            assert pruned.inclusion_proof(index, size) == full.inclusion_proof(index, size)
+        for old in range(0, size + 1, 6):
+            assert pruned.consistency_proof(old, size) == full.consistency_proof(old, size)
+    assert all(pruned.leaf(i) == hashes[i] for i in range(150))
+    assert reads and all(end - start <= 1 << dense for start, end in reads)
+
+
+def test_a_pruned_tree_keeps_little_memory() -> None:
+    n = 1 << 14
+    tree = MerkleTree(dense_levels=8, leaves=lambda s, e: b"\0" * ((e - s) * 32))
+    tree.extend(leaf_hash(i.to_bytes(4, "big")) for i in range(n))
+    stored = sum(len(level) for level in tree._levels)
+    assert stored <= (n >> 8) * 2 * 32 + 8 * 2 * 32 * 256  # levels >= 8 plus at most one block below
+
+
+def test_a_wrong_leaf_source_is_an_error_not_a_wrong_root() -> None:
+    hashes = [leaf_hash(bytes([i])) for i in range(16)]
+    tree = MerkleTree(hashes, dense_levels=2, leaves=lambda s, e: b"short")
+    with pytest.raises(TreeError):
+        tree.root(3)
