@@ -119,6 +119,8 @@ class LimitsConfig:
     max_deadline: float = 300.0
     max_metadata_entries: int = 64
     max_metadata_bytes: int = 16 * 1024
+    #: what is forwarded to a backend: under grpc's default 8 KiB, with room for the psn-gw-* headers
+    max_forwarded_metadata_bytes: int = 6 * 1024
     peer_channels: int = 2
     backend_connect_timeout: float = 2.0
     shutdown_grace: float = 10.0
@@ -136,6 +138,9 @@ class LimitsConfig:
             max_deadline=sec.number("max_deadline_seconds", d.max_deadline, minimum=0.1, maximum=86400),
             max_metadata_entries=sec.integer("max_metadata_entries", d.max_metadata_entries, minimum=1, maximum=1024),
             max_metadata_bytes=sec.integer("max_metadata_bytes", d.max_metadata_bytes, minimum=256, maximum=1 << 20),
+            max_forwarded_metadata_bytes=sec.integer(
+                "max_forwarded_metadata_bytes", d.max_forwarded_metadata_bytes, minimum=0, maximum=1 << 20
+            ),
             peer_channels=sec.integer("peer_channels", d.peer_channels, minimum=1, maximum=64),
             backend_connect_timeout=sec.number(
                 "backend_connect_timeout_seconds", d.backend_connect_timeout, minimum=0.05, maximum=60

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from gateway.clock import Clock
 from gateway.directory import NetworkDirectory, Route
-from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, Unauthenticated
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.identity import PeerIdentity, TrustStore, Usage
 from gateway.ids import new_id
 from gateway.metadata import split_metadata
@@ -241,13 +241,19 @@ class MetadataStage:
 
     name = "metadata"
 
-    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int, max_forwarded_bytes: int) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.max_forwarded_bytes = max_forwarded_bytes
 
     async def __call__(self, call: Call) -> None:
         """Refuse the gateway's own headers and oversized metadata; keep the rest apart."""
         md = split_metadata(call.metadata, max_entries=self.max_entries, max_total_bytes=self.max_bytes)
+        forwarded = sum(len(k) + len(v) for k, v in md.passthrough)
+        if forwarded > self.max_forwarded_bytes:
+            raise InvalidArgument(
+                f"metadata to forward is {forwarded} bytes, larger than the {self.max_forwarded_bytes} allowed"
+            )
         call.token = md.token
         call.purpose_fields = md.purpose_fields
         call.passthrough = md.passthrough

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.breaker import Breaker
@@ -48,6 +49,7 @@ __all__ = [
     "RelayClient",
     "RelayHostDownstream",
     "RelayUpstream",
+    "parse_relay_request",
     "response_seal_for",
 ]
 
@@ -136,16 +138,14 @@ class RelayClient:
         call.request_digest = digest.digest
         signed, env_digest = self._sign(call, self.envelope(call, digest=digest.digest, count=1))
         channel = self._peers.channel(host)
-        multi: grpc.aio.UnaryUnaryMultiCallable[relay_pb2.UnaryRelayRequest, relay_pb2.UnaryRelayResponse]
-        multi = channel.unary_unary(
-            _UNARY,
-            request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString,
-            response_deserializer=relay_pb2.UnaryRelayResponse.FromString,
-        )
+        # The response comes back as bytes and is parsed here: grpc's own deserialiser turns garbage from
+        # the host into None plus a log line, which would end the call outside the gateway's error handling.
+        multi: grpc.aio.UnaryUnaryMultiCallable[relay_pb2.UnaryRelayRequest, bytes]
+        multi = channel.unary_unary(_UNARY, request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString)
         breaker = self.breaker(host)
         breaker.allow()
         try:
-            response = await multi(
+            raw = await multi(
                 relay_pb2.UnaryRelayRequest(envelope=signed, message=request),
                 timeout=call.remaining(self._clock.monotonic()),
             )
@@ -155,6 +155,10 @@ class RelayClient:
             breaker.release()
             raise
         breaker.success()
+        try:
+            response = relay_pb2.UnaryRelayResponse.FromString(raw)
+        except DecodeError as exc:
+            raise _unverified(host, InvalidArgument(f"relay response does not parse: {exc}")) from exc
         message = response.message if response.HasField("message") else None
         answer = MessageDigest()
         if message is not None:
@@ -181,8 +185,19 @@ class RelayClient:
         return upstream
 
 
+#: Statuses a host gateway never sends unsealed on purpose (its refusals are the classes `gateway.status`
+#: names): grpc made them up (a reset stream is INTERNAL), so they are our transport failing, never an
+#: answer to pass on to the caller with grpc's words in it.
+_NOT_AN_ANSWER = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS}
+)
+
+
 def _judge(breaker: Breaker, exc: grpc.aio.AioRpcError, *, what: str) -> Reply:
     """A failed relay RPC: a refusal the host sent is a reply (the peer is there); ours counts against it."""
+    if exc.code() in _NOT_AN_ANSWER:
+        breaker.failure()
+        raise Unavailable(f"{what}: {exc.code().name}: {exc.details()}")
     try:
         reply = reply_from_error(exc, what=what)
     except Unavailable:
@@ -219,12 +234,9 @@ class RelayUpstream:
         self._host = call.route.host
         self._type = call.route.method.call_type
         channel = client._peers.channel(self._host)
-        multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, relay_pb2.RelayFrame]
-        multi = channel.stream_stream(
-            _STREAM,
-            request_serializer=relay_pb2.RelayFrame.SerializeToString,
-            response_deserializer=relay_pb2.RelayFrame.FromString,
-        )
+        # Response frames are parsed in `read` (see `RelayClient.unary`).
+        multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, bytes]
+        multi = channel.stream_stream(_STREAM, request_serializer=relay_pb2.RelayFrame.SerializeToString)
         self._breaker = client.breaker(self._host)
         self._breaker.allow()
         self._reached = False
@@ -298,6 +310,10 @@ class RelayUpstream:
                 self._breaker.success()
             if frame is grpc.aio.EOF:
                 raise _unverified(self._host, Unauthenticated("relay stream ended without a response seal"))
+            try:
+                frame = parse_relay_request(frame, unary=False)
+            except InvalidArgument as exc:
+                raise _unverified(self._host, exc) from exc
             kind = frame.WhichOneof("kind")
             if kind == "headers":
                 if self._received.count:
@@ -310,8 +326,9 @@ class RelayUpstream:
             if kind == "message":
                 if frame.message.seq != self._received.count:
                     raise _unverified(self._host, InvalidArgument("response messages out of sequence"))
+                # Counted in the record by the downstream that delivers it (what the caller got), not here:
+                # counting both over-counted every relayed stream's responses by one at the origin.
                 self._received.update(frame.message.data)
-                self._call.response_messages = self._received.count
                 data: bytes = frame.message.data
                 return data
             if kind == "response_seal":
@@ -352,6 +369,20 @@ class RelayUpstream:
         self._rpc.cancel()
 
 
+def parse_relay_request(data: bytes, *, unary: bool) -> Any:
+    """A relay request from the wire: `UnaryRelayRequest` (unary) or `RelayFrame`; `InvalidArgument` if garbage.
+
+    The peer listener should hand the relay raw bytes and parse them here, so that garbage from a
+    peer is a refusal that is logged and recorded like any other (grpc's own deserialiser would end
+    the call with UNKNOWN and protobuf's error text before any gateway code runs).
+    """
+    kind = relay_pb2.UnaryRelayRequest if unary else relay_pb2.RelayFrame
+    try:
+        return kind.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"relay {'request' if unary else 'frame'} does not parse: {exc}") from exc
+
+
 class EnvelopeStage:
     """Peer listener: the request envelope verifies before anything is forwarded."""
 
@@ -364,6 +395,8 @@ class EnvelopeStage:
         """Verify the envelope in `call.relay_request`; fill the call from it."""
         assert call.peer is not None  # noqa: S101  # the peer-identity stage runs first
         request = call.relay_request
+        if isinstance(request, bytes):
+            request = call.relay_request = parse_relay_request(request, unary=call.method == _UNARY)
         is_frame = isinstance(request, relay_pb2.RelayFrame)
         if isinstance(request, relay_pb2.UnaryRelayRequest) or (is_frame and request.WhichOneof("kind") == "envelope"):
             signed = request.envelope
@@ -424,7 +457,14 @@ class RelayHostDownstream:
             return None
         env = self._call.envelope
         call_type: CallType = env.value.call_type
-        frame: Any = await self._context.read()
+        try:
+            frame: Any = await self._context.read()
+            if isinstance(frame, bytes):
+                frame = parse_relay_request(frame, unary=False)
+        except DecodeError as exc:
+            # grpc deserialises each frame inside read(): a garbage frame must end the call as a
+            # refusal (sealed, recorded), not escape as UNKNOWN with protobuf's text and no close record.
+            raise InvalidArgument(f"relay frame {self._received.count} does not parse: {exc}") from exc
         if frame is grpc.aio.EOF:
             if call_type is CallType.SERVER_STREAM and self._received.count == 1:
                 self._done = True

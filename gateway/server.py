@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -293,7 +294,11 @@ class Gateway:
             PeerIdentityStage(
                 Listener.LOCAL, force=self.force, trust=self.trust, directory=self.directory, clock=self.clock
             ),
-            MetadataStage(max_entries=limits.max_metadata_entries, max_bytes=limits.max_metadata_bytes),
+            MetadataStage(
+                max_entries=limits.max_metadata_entries,
+                max_bytes=limits.max_metadata_bytes,
+                max_forwarded_bytes=limits.max_forwarded_metadata_bytes,
+            ),
             TokenStage(self.token_verifier),
             PurposeStage(self.config.purpose),
             RouteStage(self.directory, force=self.force, listener=Listener.LOCAL),
@@ -334,7 +339,10 @@ class Gateway:
         return [
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.max_metadata_size", limits.max_metadata_bytes),
+            # grpc's own ceiling sits above ours, so that oversized metadata reaches the metadata stage
+            # and is refused there with a record, not by grpc with none.
+            ("grpc.max_metadata_size", 4 * limits.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", 8 * limits.max_metadata_bytes),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -668,8 +676,8 @@ class Gateway:
             deadline_mono=None if remaining is None else mono + remaining,
         )
 
-    async def refuse(self, call: Call, exc: GatewayError, context: Context) -> None:
-        """Record a refused call and end it with its status; never returns."""
+    async def refuse(self, call: Call, exc: GatewayError, context: Context, *, event: str = "call") -> None:
+        """Record a refused call (`event`: a stream refused after it opened closes it) and end it; never returns."""
         code = status_for(exc)
         call.refusal = call.refusal or exc
         call.status = code.name
@@ -686,7 +694,7 @@ class Gateway:
             },
         )
         try:
-            await self.record(call, "call")
+            await self.record(call, event)
         except GatewayError as audit_exc:
             code, exc = status_for(audit_exc), audit_exc
             log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
@@ -757,7 +765,7 @@ class Gateway:
             downstream = ContextDownstream(context, call, max_requests=None if call_type.client_streams else 1)
             reply = await self._forward_timed(self._pump(downstream, call))
         except GatewayError as exc:
-            await self.refuse(call, exc, context)
+            await self.refuse(call, exc, context, event="stream-close" if opened else "call")
         except asyncio.CancelledError:
             self._record_cancelled(call, "stream-close" if opened else "call")
             raise
@@ -846,16 +854,12 @@ class Gateway:
         call.response_digest = digest.digest
         return signed
 
-    async def peer_unary(
-        self, request: relay_pb2.UnaryRelayRequest, context: PeerContext
-    ) -> relay_pb2.UnaryRelayResponse:
-        """A unary call relayed by another force's gateway."""
+    async def peer_unary(self, request: bytes, context: PeerContext) -> relay_pb2.UnaryRelayResponse:
+        """A unary call relayed by another force's gateway (raw bytes: the envelope stage parses them)."""
         with self._in_flight(Listener.PEER):
             return await self._peer_unary(request, context)
 
-    async def _peer_unary(
-        self, request: relay_pb2.UnaryRelayRequest, context: PeerContext
-    ) -> relay_pb2.UnaryRelayResponse:
+    async def _peer_unary(self, request: bytes, context: PeerContext) -> relay_pb2.UnaryRelayResponse:
         call = self.new_call(Listener.PEER, _RELAY_UNARY, context)
         call.relay_request = request
         try:
@@ -864,7 +868,7 @@ class Gateway:
             await self.refuse(call, exc, context)
         try:
             await self._peer_admit(call, context)
-            reply = await self._forward_timed(self.forward_unary(call, request.message))
+            reply = await self._forward_timed(self.forward_unary(call, call.relay_request.message))
         except GatewayError as exc:
             reply = self._refusal_reply(call, exc)
         except asyncio.CancelledError:
@@ -885,14 +889,16 @@ class Gateway:
             response.message = reply.message
         return response
 
-    async def peer_witness(
-        self, request: witness_pb2.AddCheckpointRequest, context: PeerContext
-    ) -> witness_pb2.AddCheckpointResponse:
+    async def peer_witness(self, raw: bytes, context: PeerContext) -> witness_pb2.AddCheckpointResponse:
         """A peer force's log submits a checkpoint for this gateway to witness."""
         call = self.new_call(Listener.PEER, ADD_CHECKPOINT, context)
         try:
             await self.peer_identity.admit(call)
             assert call.peer is not None  # noqa: S101  # the peer-identity stage sets it
+            try:
+                request = witness_pb2.AddCheckpointRequest.FromString(raw)
+            except DecodeError as exc:
+                raise InvalidArgument(f"witness request does not parse: {exc}") from exc
             origin = f"{self._directory.forces[call.peer.force].trust_domain}/audit"
             return await witness_reply(self.transparency.witness, request, submitter_origin=origin)
         except GatewayError as exc:
@@ -979,20 +985,19 @@ class _PeerHandler(grpc.GenericRpcHandler):
     """The relay service on the peer listener."""
 
     def __init__(self, gateway: Gateway) -> None:
+        # Requests arrive as raw bytes and are parsed by the gateway, so that garbage from a peer
+        # is a refusal that is logged and recorded, not grpc's UNKNOWN before any gateway code runs.
+        self._unary: grpc.RpcMethodHandler[bytes, relay_pb2.UnaryRelayResponse]
         self._unary = grpc.unary_unary_rpc_method_handler(
-            gateway.peer_unary,
-            request_deserializer=relay_pb2.UnaryRelayRequest.FromString,
-            response_serializer=relay_pb2.UnaryRelayResponse.SerializeToString,
+            gateway.peer_unary, response_serializer=relay_pb2.UnaryRelayResponse.SerializeToString
         )
+        self._stream: grpc.RpcMethodHandler[bytes, relay_pb2.RelayFrame]
         self._stream = grpc.stream_stream_rpc_method_handler(
-            partial(_peer_stream_entry, gateway),
-            request_deserializer=relay_pb2.RelayFrame.FromString,
-            response_serializer=relay_pb2.RelayFrame.SerializeToString,
+            partial(_peer_stream_entry, gateway), response_serializer=relay_pb2.RelayFrame.SerializeToString
         )
+        self._witness: grpc.RpcMethodHandler[bytes, witness_pb2.AddCheckpointResponse]
         self._witness = grpc.unary_unary_rpc_method_handler(
-            gateway.peer_witness,
-            request_deserializer=witness_pb2.AddCheckpointRequest.FromString,
-            response_serializer=witness_pb2.AddCheckpointResponse.SerializeToString,
+            gateway.peer_witness, response_serializer=witness_pb2.AddCheckpointResponse.SerializeToString
         )
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:

@@ -134,6 +134,10 @@ def channel_options(*, server_name: str, max_message_bytes: int, pool_index: int
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),
+        # A peer or backend that comes back is reconnected to within a second or two, not minutes.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 

@@ -1211,7 +1211,8 @@ class AuditLog:
 
     def _run_job(self, job: _Job) -> None:
         conn = self._conn
-        if job.future.done():
+        # A job its caller cancelled (the collector, at shutdown) is skipped; once running it cannot be.
+        if not job.future.set_running_or_notify_cancel():
             return
         if conn is None:
             job.future.set_exception(AuditUnavailable("the audit log has no connection"))

@@ -1,0 +1,221 @@
+"""Raw relay calls for the hostile tests: a peer gateway that says exactly what the test wants.
+
+`RawPeer` holds one force's real gateway TLS certificate and signing key (as a
+compromised or buggy peer gateway would) and talks to another force's peer
+listener with bytes it builds itself: request envelopes with any field, frames
+in any order, garbage. Answers come back as `RelayOutcome`: the gRPC status of
+the relay call and, where the host sealed a refusal after the envelope
+verified, the status inside the response seal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.directory import CallType
+from gateway.envelope import (
+    CONTEXT_ENVELOPE,
+    Envelope,
+    MessageDigest,
+    RequestSeal,
+    Signer,
+    envelope_body,
+    parse_response_seal_body,
+    request_seal_body,
+    seal_request,
+)
+from gateway.principal import Principal, Purpose
+from tests.netharness import NetworkThread
+
+__all__ = ["RawPeer", "RelayOutcome", "frames_of"]
+
+UNARY = "/psn.gateway.v1.Relay/Unary"
+STREAM = "/psn.gateway.v1.Relay/Stream"
+WITNESS = "/psn.gateway.v1.Witness/AddCheckpoint"
+PURPOSE = Purpose("investigation", "OP-HOSTILE-1", "hostile relay test")
+
+
+@dataclass(frozen=True)
+class RelayOutcome:
+    """How a raw relay call ended."""
+
+    #: the relay RPC's own status (a refusal before the envelope verified ends it here)
+    code: grpc.StatusCode
+    details: str
+    #: the status code name inside the host's response seal (a refusal after the envelope verified)
+    sealed: str | None = None
+    #: the response frames (stream) or the unary response
+    frames: tuple[Any, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """The status the origin would see: the sealed one if there is a seal, else the RPC's."""
+        return self.sealed if self.sealed is not None else self.code.name
+
+
+_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _sealed_status(signed: relay_pb2.Signed) -> str:
+    return _NAMES[parse_response_seal_body(signed.body).status_code]
+
+
+def frames_of(*frames: relay_pb2.RelayFrame | bytes) -> list[bytes]:
+    """Frames as the bytes a raw stream sends (bytes pass through untouched)."""
+    return [f if isinstance(f, bytes) else f.SerializeToString() for f in frames]
+
+
+class RawPeer:
+    """`origin`'s gateway, speaking raw relay to `host`'s peer listener."""
+
+    def __init__(self, net: NetworkThread, origin: str, host: str, *, tls_of: str | None = None) -> None:
+        layout = net.layout
+        self.net = net
+        self.origin = origin
+        self.host = host
+        self.directory = layout.directory()
+        material = layout.material[origin]
+        self.signer = Signer.from_files(material.gateway_signing.cert_path, material.gateway_signing.key_path)
+        tls = layout.material[tls_of or origin].gateway_tls
+        roots = b"".join(layout.material[f].ca.read_bytes() for f in layout.material)
+        creds = grpc.ssl_channel_credentials(roots, tls.key_path.read_bytes(), tls.cert_path.read_bytes())
+        target = self.directory.forces[host]
+        self.channel = grpc.secure_channel(
+            target.peer_address, creds, options=[("grpc.ssl_target_name_override", target.gateway_server_name)]
+        )
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    # -- building ------------------------------------------------------------------------
+
+    def envelope(
+        self,
+        method: str,
+        *,
+        message: bytes | None = None,
+        officer: str | None = None,
+        units: tuple[str, ...] = ("serocu",),
+        roles: tuple[str, ...] = ("investigator",),
+        clearance: str = "SC",
+        issued_at: float | None = None,
+        deadline: float | None = 30.0,
+    ) -> Envelope:
+        """A well-formed envelope for `method` from this origin (the digest covers `message` if unary/server-stream)."""
+        route = self.directory.route(method)
+        call_type = route.method.call_type
+        now = time.time() if issued_at is None else issued_at
+        digest: bytes | None = None
+        count = 0
+        if not call_type.client_streams:
+            digest, count = MessageDigest.of(message or b"").digest, 1
+        return Envelope(
+            request_id=secrets.token_hex(16),
+            origin_force=self.origin,
+            origin_gateway=self.directory.forces[self.origin].gateway_spiffe_id,
+            host_force=route.host,
+            application=route.application.name,
+            method=method,
+            call_type=call_type,
+            principal=Principal(officer or f"DC-{secrets.token_hex(4)}", self.origin, units, roles, clearance),
+            purpose=PURPOSE,
+            issued_at=now,
+            deadline=None if deadline is None else now + deadline,
+            messages_digest=digest,
+            message_count=count,
+            metadata=(),
+        )
+
+    def sign(self, env: Envelope, *, signer: Signer | None = None) -> relay_pb2.Signed:
+        """Sign `env` as it is (no check that the host would accept it)."""
+        return (signer or self.signer).sign(CONTEXT_ENVELOPE, envelope_body(env))
+
+    def sign_body(self, body: bytes, *, signer: Signer | None = None) -> relay_pb2.Signed:
+        """Sign arbitrary envelope body bytes."""
+        return (signer or self.signer).sign(CONTEXT_ENVELOPE, body)
+
+    def request_seal(
+        self, env: Envelope, signed: relay_pb2.Signed, messages: Sequence[bytes], *, signer: Signer | None = None
+    ) -> relay_pb2.Signed:
+        """The request seal closing a client/bidi stream that sent `messages`."""
+        digest = MessageDigest.of(*messages)
+        seal = RequestSeal(
+            request_id=env.request_id,
+            envelope_digest=hashlib.sha256(signed.body).digest(),
+            messages_digest=digest.digest,
+            message_count=digest.count,
+            issued_at=time.time(),
+        )
+        if signer is None:
+            return seal_request(seal, self.signer)
+        return signer.sign(b"psn-gateway/v1 request-seal", request_seal_body(seal))
+
+    @staticmethod
+    def with_(env: Envelope, **changes: Any) -> Envelope:
+        """`env` with fields changed."""
+        return replace(env, **changes)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def unary(self, signed: relay_pb2.Signed, message: bytes, *, timeout: float = 10) -> RelayOutcome:
+        """A Unary relay call."""
+        return self.unary_raw(
+            relay_pb2.UnaryRelayRequest(envelope=signed, message=message).SerializeToString(), timeout
+        )
+
+    def unary_raw(self, data: bytes, timeout: float = 10, *, method: str = UNARY) -> RelayOutcome:
+        """A Unary relay call whose request is exactly `data`."""
+        call = self.channel.unary_unary(method)
+        try:
+            raw = call(data, timeout=timeout)
+        except grpc.RpcError as exc:
+            return RelayOutcome(exc.code(), exc.details() or "")
+        if method != UNARY:
+            return RelayOutcome(grpc.StatusCode.OK, "", frames=(raw,))
+        response = relay_pb2.UnaryRelayResponse.FromString(raw)
+        return RelayOutcome(grpc.StatusCode.OK, "", _sealed_status(response.seal), (response,))
+
+    def stream_raw(self, frames: Iterable[bytes], *, timeout: float = 10) -> RelayOutcome:
+        """A Stream relay call sending exactly `frames` (bytes each), then half-closing."""
+        call = self.channel.stream_stream(STREAM)
+        got: list[relay_pb2.RelayFrame] = []
+        try:
+            for raw in call(iter(list(frames)), timeout=timeout):
+                got.append(relay_pb2.RelayFrame.FromString(raw))
+        except grpc.RpcError as exc:
+            return RelayOutcome(exc.code(), exc.details() or "", frames=tuple(got))
+        sealed = None
+        if got and got[-1].WhichOneof("kind") == "response_seal":
+            sealed = _sealed_status(got[-1].response_seal)
+        return RelayOutcome(grpc.StatusCode.OK, "", sealed, tuple(got))
+
+    def stream(self, *frames: relay_pb2.RelayFrame | bytes, timeout: float = 10) -> RelayOutcome:
+        """A Stream relay call sending `frames`."""
+        return self.stream_raw(frames_of(*frames), timeout=timeout)
+
+
+def message_frame(seq: int, data: bytes) -> relay_pb2.RelayFrame:
+    """A numbered request message frame."""
+    return relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data))
+
+
+def envelope_frame(signed: relay_pb2.Signed) -> relay_pb2.RelayFrame:
+    """An envelope frame."""
+    return relay_pb2.RelayFrame(envelope=signed)
+
+
+def seal_frame(signed: relay_pb2.Signed) -> relay_pb2.RelayFrame:
+    """A request seal frame."""
+    return relay_pb2.RelayFrame(request_seal=signed)
+
+
+__all__ += ["PURPOSE", "STREAM", "UNARY", "WITNESS", "CallType", "envelope_frame", "message_frame", "seal_frame"]
