@@ -345,7 +345,7 @@ class Gateway:
             ("grpc.absolute_max_metadata_size", 8 * limits.max_metadata_bytes),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
 
     async def start(self) -> None:

@@ -130,8 +130,8 @@ def channel_options(*, server_name: str, max_message_bytes: int, pool_index: int
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.use_local_subchannel_pool", 1),
         ("psn.pool_index", pool_index),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", 10_000),  # a silent partition is noticed within ~15 s
+        ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),
         # A peer or backend that comes back is reconnected to within a second or two, not minutes.
