@@ -1262,6 +1262,7 @@ class BenchOptions:
     call_timeout: float = 30.0
     keep_rate_limits: bool = False
     signing_key: str = "ed25519"
+    workers: int = 1
 
     def as_json(self) -> dict[str, Any]:
         """The options as they go into the report."""
@@ -1280,6 +1281,7 @@ class BenchOptions:
             "gateway_log_level": self.gateway_log_level,
             "keep_rate_limits": self.keep_rate_limits,
             "signing_key": self.signing_key,
+            "workers": self.workers,
             "loop": self.loop,
             "principal": {"units": [self.unit], "roles": [self.role], "clearance": self.clearance},
         }
@@ -1412,6 +1414,10 @@ class _Bench:
         if not self.options.keep_rate_limits:
             for path in layout.configs.values():
                 self.rate_limits = _lift_rate_limits(path)
+        if self.options.workers > 1:
+            # Several connections to each peer, so that SO_REUSEPORT spreads them over the workers.
+            for path in layout.configs.values():
+                path.write_text(path.read_text() + f"\n[limits]\npeer_channels = {4 * self.options.workers}\n")
         forces = list(FORCES)
         self.caller, self.host = forces[0], forces[1]
         self._start_backends(layout)
@@ -1493,6 +1499,8 @@ class _Bench:
                     self.options.gateway_log_level,
                     "--log-format",
                     "json",
+                    "--workers",
+                    str(self.options.workers),
                 ],
             )
             stages = configured_stages(layout.configs[force].read_text())
@@ -2254,6 +2262,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         clearance=args.clearance,
         keep_rate_limits=args.keep_rate_limits,
         signing_key=args.signing_key,
+        workers=args.workers,
     )
 
 
@@ -2372,6 +2381,14 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="auto",
         choices=("auto", "asyncio", "uvloop"),
         help="event loop of the load generator and the backends (auto: uvloop when installed)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        choices=range(1, 17),
+        metavar="N",
+        help="gateway processes per force (psngw serve --workers N; default 1)",
     )
     p.add_argument(
         "--signing-key",

@@ -90,7 +90,7 @@ class SigningConfig:
 
     cert: Path
     key: Path
-    window: float = 120.0
+    window: float = 30.0
     replay_capacity: int = 200_000
     #: the replay store shared by worker processes (``--workers N``); default beside the audit log
     replay_db: Path | None = None
