@@ -26,7 +26,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import ClassVar, Generic, Self, TypeGuard, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -383,19 +383,21 @@ class Checkpoint:
 # -- Ed25519 note signatures ----------------------------------------------------------------------
 
 
-class NoteVerifier:
-    """Verifies Ed25519 note signatures (signed-note type 0x01) by one named key."""
+class _VerifierKey:
+    """A named Ed25519 public key of one signed-note signature type: what the two verifiers share."""
+
+    _SIG_TYPE: ClassVar[int]
 
     def __init__(self, name: str, public_key: Ed25519PublicKey) -> None:
         self._name = _check_name(name)
         self._public_key = public_key
         self._raw = _raw_public_key(public_key)
-        self._key_id = key_id(name, SIG_TYPE_ED25519, self._raw)
+        self._key_id = key_id(name, self._SIG_TYPE, self._raw)
 
     @classmethod
-    def from_vkey(cls, vkey: str) -> NoteVerifier:
-        """Build a verifier from ``name+hex8(key id)+base64(0x01 || public key)``."""
-        name, public_key = _parse_vkey(vkey, SIG_TYPE_ED25519)
+    def from_vkey(cls, vkey: str) -> Self:
+        """Build a verifier from ``name+hex8(key id)+base64(type || public key)``."""
+        name, public_key = _parse_vkey(vkey, cls._SIG_TYPE)
         return cls(name, public_key)
 
     @property
@@ -414,12 +416,18 @@ class NoteVerifier:
         return self._public_key
 
     def vkey(self) -> str:
-        """Return the verifier key string, ``name+hex8(key id)+base64(0x01 || public key)``."""
-        return _vkey(self._name, SIG_TYPE_ED25519, self._raw, self._key_id)
+        """Return the verifier key string, ``name+hex8(key id)+base64(type || public key)``."""
+        return _vkey(self._name, self._SIG_TYPE, self._raw, self._key_id)
 
     def matches(self, sig: NoteSignature) -> bool:
         """True if `sig` claims to be by this key (same name and key id)."""
         return sig.name == self._name and sig.key_id == self._key_id
+
+
+class NoteVerifier(_VerifierKey):
+    """Verifies Ed25519 note signatures (signed-note type 0x01) by one named key."""
+
+    _SIG_TYPE = SIG_TYPE_ED25519
 
     def verify(self, body: bytes, sig: NoteSignature) -> None:
         """Check that `sig` is this key's valid signature over `body`; raise NoteError if not."""
@@ -435,15 +443,20 @@ class NoteVerifier:
             raise NoteError(f"invalid signature by key {self._name}+{self._key_id.hex()}") from exc
 
 
-class NoteSigner:
-    """Signs notes with an Ed25519 key (signed-note type 0x01) under a key name."""
+_V = TypeVar("_V", bound=_VerifierKey)
+
+
+class _SignerKey(Generic[_V]):
+    """A named Ed25519 private key and its verifier: what the two signers share."""
+
+    _VERIFIER: type[_V]
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):
             raise NoteError(f"expected an Ed25519 private key, got {type(private_key).__name__}")
         self._name = _check_name(name)
         self._private_key = private_key
-        self._verifier = NoteVerifier(name, private_key.public_key())
+        self._verifier = self._VERIFIER(name, private_key.public_key())
 
     @property
     def name(self) -> str:
@@ -459,9 +472,15 @@ class NoteSigner:
         """Return the verifier key string peers configure to check this signer."""
         return self._verifier.vkey()
 
-    def verifier(self) -> NoteVerifier:
+    def verifier(self) -> _V:
         """Return the matching verifier."""
         return self._verifier
+
+
+class NoteSigner(_SignerKey[NoteVerifier]):
+    """Signs notes with an Ed25519 key (signed-note type 0x01) under a key name."""
+
+    _VERIFIER = NoteVerifier
 
     def sign(self, body: bytes) -> NoteSignature:
         """Sign a note text (which must end in a newline)."""
@@ -483,43 +502,10 @@ def _check_timestamp(timestamp: int) -> None:
         raise NoteError(f"cosignature timestamp {timestamp!r} is outside 0..2**63-1")
 
 
-class CosignatureVerifier:
+class CosignatureVerifier(_VerifierKey):
     """Verifies a witness's timestamped Ed25519 cosignatures (signed-note type 0x04)."""
 
-    def __init__(self, name: str, public_key: Ed25519PublicKey) -> None:
-        self._name = _check_name(name)
-        self._public_key = public_key
-        self._raw = _raw_public_key(public_key)
-        self._key_id = key_id(name, SIG_TYPE_COSIGNATURE_V1, self._raw)
-
-    @classmethod
-    def from_vkey(cls, vkey: str) -> CosignatureVerifier:
-        """Build a verifier from ``name+hex8(key id)+base64(0x04 || public key)``."""
-        name, public_key = _parse_vkey(vkey, SIG_TYPE_COSIGNATURE_V1)
-        return cls(name, public_key)
-
-    @property
-    def name(self) -> str:
-        """The cosigner's name."""
-        return self._name
-
-    @property
-    def key_id(self) -> bytes:
-        """The 4-byte key id."""
-        return self._key_id
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        """The Ed25519 public key."""
-        return self._public_key
-
-    def vkey(self) -> str:
-        """Return the verifier key string, ``name+hex8(key id)+base64(0x04 || public key)``."""
-        return _vkey(self._name, SIG_TYPE_COSIGNATURE_V1, self._raw, self._key_id)
-
-    def matches(self, sig: NoteSignature) -> bool:
-        """True if `sig` claims to be by this cosigner (same name and key id)."""
-        return sig.name == self._name and sig.key_id == self._key_id
+    _SIG_TYPE = SIG_TYPE_COSIGNATURE_V1
 
     def verify(self, checkpoint_body: bytes, sig: NoteSignature) -> int:
         """Check the cosignature over `checkpoint_body`; return its timestamp, or raise NoteError."""
@@ -538,33 +524,10 @@ class CosignatureVerifier:
         return timestamp
 
 
-class CosignatureSigner:
+class CosignatureSigner(_SignerKey[CosignatureVerifier]):
     """A witness's Ed25519 cosigning key (signed-note type 0x04)."""
 
-    def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise NoteError(f"expected an Ed25519 private key, got {type(private_key).__name__}")
-        self._name = _check_name(name)
-        self._private_key = private_key
-        self._verifier = CosignatureVerifier(name, private_key.public_key())
-
-    @property
-    def name(self) -> str:
-        """The cosigner's name."""
-        return self._name
-
-    @property
-    def key_id(self) -> bytes:
-        """The 4-byte key id."""
-        return self._verifier.key_id
-
-    def vkey(self) -> str:
-        """Return the verifier key string logs configure to check this cosigner."""
-        return self._verifier.vkey()
-
-    def verifier(self) -> CosignatureVerifier:
-        """Return the matching verifier."""
-        return self._verifier
+    _VERIFIER = CosignatureVerifier
 
     def cosign(self, checkpoint_body: bytes, timestamp: int) -> NoteSignature:
         """Cosign a checkpoint body at `timestamp` (POSIX seconds).
