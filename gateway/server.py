@@ -678,21 +678,9 @@ class Gateway:
 
     async def refuse(self, call: Call, exc: GatewayError, context: Context, *, event: str = "call") -> None:
         """Record a refused call (`event`: a stream refused after it opened closes it) and end it; never returns."""
-        code = status_for(exc)
-        call.refusal = call.refusal or exc
+        code = self._note_refusal(call, exc)
         call.status = code.name
         call.status_message = exc.public
-        log.warning(
-            "refused %s at %s: %s",
-            call.method,
-            call.refusal_stage or "forward",
-            exc.reason,
-            extra={
-                "request_id": call.request_id,
-                "status": code.name,
-                "peer": call.peer.spiffe_id if call.peer else None,
-            },
-        )
         try:
             await self.record(call, event)
         except GatewayError as audit_exc:
@@ -914,10 +902,17 @@ class Gateway:
 
     def _refusal_reply(self, call: Call, exc: GatewayError) -> Reply:
         """A refusal after the envelope verified: recorded, and sealed back to the origin."""
+        code = self._note_refusal(call, exc)
+        return Reply(code=code, details=exc.public)
+
+    @staticmethod
+    def _note_refusal(call: Call, exc: GatewayError) -> grpc.StatusCode:
+        """Keep the refusal on the call and log its full reason; the status the caller gets."""
         code = status_for(exc)
         call.refusal = call.refusal or exc
         log.warning(
-            "refused relayed %s at %s: %s",
+            "refused %s%s at %s: %s",
+            "relayed " if call.envelope is not None else "",
             call.method,
             call.refusal_stage or "forward",
             exc.reason,
@@ -927,7 +922,7 @@ class Gateway:
                 "peer": call.peer.spiffe_id if call.peer else None,
             },
         )
-        return Reply(code=code, details=exc.public)
+        return code
 
     async def peer_stream(self, context: PeerContext) -> None:
         """A streaming call relayed by another force's gateway."""
