@@ -319,7 +319,9 @@ class DemoNetwork:
     def write_manifest(self) -> Path:
         """Write `manifest()` as `demo.json` in the network folder; return its path."""
         path = self.layout.root / "demo.json"
-        path.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp = path.with_name(".demo.json.tmp")
+        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp.replace(path)  # a client reading it never sees half a file
         return path
 
 

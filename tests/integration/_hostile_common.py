@@ -8,20 +8,14 @@ calls every test makes to prove a gateway still serves.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_grpc
-from gateway._proto.psn.demo.custody.v1 import custody_pb2, custody_pb2_grpc
-from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
-from gateway.audit.record import AuditRecord
-from gateway.audit.store import LogReader
-from gateway.audit.tools import QueryFilter, query
-from tests.netharness import NetworkThread
+from tests import netharness as harness
+from tests.netharness import NetworkThread, call_outcome, records, records_since, wait_for
 
 __all__ = [
     "HOSTS",
@@ -64,72 +58,29 @@ def append_config(net: NetworkThread, extra: str | Mapping[str, str], *, audit: 
         path.write_text(text + "\n" + more)
 
 
-def records(net: NetworkThread, force: str, **flt: Any) -> list[AuditRecord]:
-    """`force`'s audit records matching `flt` (a `QueryFilter`), oldest first."""
-    with LogReader.open(net.layout.config(force).audit.db) as reader:
-        return query(reader, QueryFilter(**flt))
-
-
-def records_since(net: NetworkThread, force: str, since: float, **flt: Any) -> list[AuditRecord]:
-    """`force`'s records made at or after `since` (epoch seconds)."""
-    return records(net, force, since=since, **flt)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, *, timeout: float = 10.0, every: float = 0.05) -> float:
-    """Poll until `predicate()`; return the seconds it took (AssertionError on timeout)."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - started
+def named(result: tuple[grpc.StatusCode, str]) -> Outcome:
+    """A call's outcome with the status by name."""
+    return result[0].name, result[1]
 
 
 def outcome(fn: Callable[[], Any]) -> Outcome:
     """Run `fn`; its status name and details (OK and "" if it returned)."""
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc.code().name, exc.details() or ""
-    return "OK", ""
+    return named(call_outcome(fn))
 
 
 def search(ch: grpc.Channel, *, timeout: float = 10) -> Outcome:
     """IntelligenceSearch.Search (thames-valley); checks the answer."""
-
-    def call() -> None:
-        reply = intel_pb2_grpc.IntelligenceSearchStub(ch).Search(
-            intel_pb2.SearchRequest(subject="alpha"), timeout=timeout
-        )
-        assert [m.report_id for m in reply.matches] == ["IR-0001", "IR-0002", "IR-0004"]
-
-    return outcome(call)
+    return named(harness.search(ch, timeout=timeout))
 
 
 def custody(ch: grpc.Channel, *, timeout: float = 10) -> Outcome:
     """CustodyRecords.GetRecord (hampshire); checks the answer."""
-
-    def call() -> None:
-        reply = custody_pb2_grpc.CustodyRecordsStub(ch).GetRecord(
-            custody_pb2.GetRecordRequest(custody_number="HC/00001/26"), timeout=timeout
-        )
-        assert reply.custody_number == "HC/00001/26"
-
-    return outcome(call)
+    return named(harness.custody(ch, timeout=timeout))
 
 
 def case_files(ch: grpc.Channel, *, timeout: float = 10) -> Outcome:
     """CaseFiles.FetchDocument, a server stream (surrey); checks every byte arrived."""
-
-    def call() -> None:
-        chunks = list(
-            casefiles_pb2_grpc.CaseFilesStub(ch).FetchDocument(
-                casefiles_pb2.FetchDocumentRequest(case_reference="C", document_id="D"), timeout=timeout
-            )
-        )
-        assert sum(len(c.data) for c in chunks) == 65536 and chunks[-1].last
-
-    return outcome(call)
+    return named(harness.case_files(ch, timeout=timeout))
 
 
 #: the call that reaches each force's own application

@@ -28,13 +28,19 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway import client, pki
 from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_grpc
 from gateway._proto.psn.demo.custody.v1 import custody_pb2, custody_pb2_grpc
-from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway._proto.psn.gateway.v1 import relay_pb2
-from gateway.audit.record import AuditRecord
-from gateway.audit.store import LogReader
-from gateway.audit.tools import QueryFilter, query
 from gateway.server import Gateway
-from tests.netharness import PURPOSE, NetworkThread
+from tests.netharness import (
+    PURPOSE,
+    NetworkThread,
+    Outcome,
+    call_outcome,
+    case_files,
+    custody,
+    records_since,
+    search,
+    wait_for,
+)
 
 __all__ = [
     "RELOAD_INTERVAL",
@@ -73,9 +79,6 @@ crl_grace_seconds = {CRL_GRACE}
 expiry_warning_days = {EXPIRY_WARNING_DAYS}
 """
 
-#: (status code, details) of one call
-Outcome = tuple[grpc.StatusCode, str]
-
 
 def trust_network(root: Path) -> NetworkThread:
     """A three-force network of its own, whose gateways reload every `RELOAD_INTERVAL` s; started."""
@@ -90,63 +93,7 @@ def gateways(net: NetworkThread) -> dict[str, Gateway]:
     return net.network.gateways
 
 
-def wait_for(predicate: Callable[[], bool], what: str, *, timeout: float = 10.0, every: float = 0.05) -> float:
-    """Poll `predicate` until it holds; return the seconds it took (AssertionError on timeout)."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - started
-
-
 # -- calls ---------------------------------------------------------------------------------
-
-
-def _outcome(fn: Callable[[], Any]) -> Outcome:
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def search(channel: grpc.Channel, *, timeout: float = 10) -> Outcome:
-    """IntelligenceSearch.Search (hosted by thames-valley); checks the answer when it succeeds."""
-
-    def call() -> None:
-        reply = intel_pb2_grpc.IntelligenceSearchStub(channel).Search(
-            intel_pb2.SearchRequest(subject="alpha"), timeout=timeout
-        )
-        assert [m.report_id for m in reply.matches] == ["IR-0001", "IR-0002", "IR-0004"]
-
-    return _outcome(call)
-
-
-def custody(channel: grpc.Channel, *, timeout: float = 10) -> Outcome:
-    """CustodyRecords.GetRecord (hosted by hampshire); checks the answer when it succeeds."""
-
-    def call() -> None:
-        reply = custody_pb2_grpc.CustodyRecordsStub(channel).GetRecord(
-            custody_pb2.GetRecordRequest(custody_number="HC/00001/26"), timeout=timeout
-        )
-        assert reply.custody_number == "HC/00001/26"
-
-    return _outcome(call)
-
-
-def case_files(channel: grpc.Channel, *, timeout: float = 10) -> Outcome:
-    """CaseFiles.FetchDocument, a server stream (hosted by surrey); checks every byte arrived."""
-
-    def call() -> None:
-        chunks = list(
-            casefiles_pb2_grpc.CaseFilesStub(channel).FetchDocument(
-                casefiles_pb2.FetchDocumentRequest(case_reference="C", document_id="D"), timeout=timeout
-            )
-        )
-        assert sum(len(c.data) for c in chunks) == 65536 and chunks[-1].last
-
-    return _outcome(call)
 
 
 def review_until(channel: grpc.Channel, stop: threading.Event, *, every: float = 0.1) -> Outcome:
@@ -166,7 +113,7 @@ def review_until(channel: grpc.Channel, stop: threading.Event, *, every: float =
         acks = [a.sequence for a in casefiles_pb2_grpc.CaseFilesStub(channel).Review(comments(), timeout=60)]
         assert acks == list(range(1, len(sent) + 1)), (acks, len(sent))
 
-    return _outcome(call)
+    return call_outcome(call)
 
 
 def bulk_lookup_until(channel: grpc.Channel, stop: threading.Event, *, every: float = 0.1) -> Outcome:
@@ -183,7 +130,7 @@ def bulk_lookup_until(channel: grpc.Channel, stop: threading.Event, *, every: fl
         summary = custody_pb2_grpc.CustodyRecordsStub(channel).BulkLookup(requests(), timeout=60)
         assert [r.custody_number for r in summary.found] == numbers and not summary.not_found
 
-    return _outcome(call)
+    return call_outcome(call)
 
 
 def app_channel(net: NetworkThread, force: str, cert: Path, key: Path, *, ca: Path | None = None) -> grpc.Channel:
@@ -220,16 +167,10 @@ def relay_probe(channel: grpc.Channel, *, timeout: float = 10) -> Outcome:
         request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString,
         response_deserializer=relay_pb2.UnaryRelayResponse.FromString,
     )
-    return _outcome(lambda: relay(relay_pb2.UnaryRelayRequest(), timeout=timeout))
+    return call_outcome(lambda: relay(relay_pb2.UnaryRelayRequest(), timeout=timeout))
 
 
 # -- what the gateways show ------------------------------------------------------------------
-
-
-def records_since(net: NetworkThread, force: str, since: float, **flt: Any) -> list[AuditRecord]:
-    """`force`'s audit records made at or after `since` (epoch seconds) that match `flt`."""
-    with LogReader.open(net.layout.config(force).audit.db) as reader:
-        return query(reader, QueryFilter(since=since, **flt))
 
 
 def metric_value(gateway: Gateway, name: str, **labels: str) -> float | None:

@@ -6,7 +6,6 @@ import base64
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,25 +16,11 @@ from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway._proto.psn.gateway.v1 import witness_pb2
 from gateway.audit.merkle import MerkleTree, leaf_hash
 from gateway.audit.note import Checkpoint, NoteSigner, sign_note
-from gateway.audit.record import AuditRecord
 from gateway.audit.store import LogReader
-from gateway.audit.tools import QueryFilter, load_anchors, query, verify_log
-from tests.netharness import NetworkThread
+from gateway.audit.tools import load_anchors, verify_log
+from tests.netharness import NetworkThread, records, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def records(net: NetworkThread, force: str, **flt: str) -> list[AuditRecord]:
-    with LogReader.open(net.layout.config(force).audit.db) as reader:
-        return query(reader, QueryFilter(**flt))
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def search(net: NetworkThread, force: str, officer: str, *, purpose: bool = True) -> grpc.StatusCode:

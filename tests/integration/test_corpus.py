@@ -81,7 +81,6 @@ COMMENT = casefiles_pb2.ReviewComment(case_reference="C1", paragraph="1", commen
 LEAKS = ("127.0.0.1", "DecodeError", "Traceback", "Exception", "psn-gw-", "rules/", ".csv", "spiffe://")
 
 
-
 @dataclass(frozen=True)
 class Audit:
     """The record a case must leave at the gateway it reached."""
@@ -617,12 +616,12 @@ def _relay_cases() -> dict[str, Any]:
         "relay: issued ten minutes ago": Case(
             lambda c: _unary(c, issued_at=time.time() - 600),
             unauth,
-            Audit("envelope", "s old, outside the 120 s window", by_officer=False),
+            Audit("envelope", "s old, outside the 30 s window", by_officer=False),
         ),
         "relay: issued ten minutes ahead": Case(
             lambda c: _unary(c, issued_at=time.time() + 600),
             unauth,
-            Audit("envelope", "in the future, outside the 120 s window", by_officer=False),
+            Audit("envelope", "in the future, outside the 30 s window", by_officer=False),
         ),
         "relay: deadline already passed": Case(
             lambda c: _unary(c, issued_at=time.time() - 5, deadline=4),

@@ -139,8 +139,6 @@ def test_a_backend_that_is_down_fails_fast_and_both_logs_say_why(fnet: NetworkTh
     back_to_service(fnet, TV)
 
 
-
-
 def _slow_case_files(fnet: NetworkThread) -> Iterator[None]:
     layout = fnet.layout
     app = layout.material[SURREY].app_servers["case-files"]

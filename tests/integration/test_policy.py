@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +14,7 @@ import pytest
 from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway.audit.store import LogReader
 from gateway.audit.tools import QueryFilter, query
-from tests.netharness import NetworkThread
+from tests.netharness import NetworkThread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +27,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
     network = NetworkThread(tmp_path_factory.mktemp("policy-net")).start()
     yield network
     network.stop()
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def stream_matches(net: NetworkThread, force: str, units: tuple[str, ...], officer: str) -> grpc.RpcError | None:

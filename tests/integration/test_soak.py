@@ -12,7 +12,7 @@ Memory. The network runs in this process, so its resident set size (VmRSS from
 /proc/self/status) is sampled after a warm-up and at the end. Some growth is by
 design and proportional to the traffic: each record adds a leaf to the in-memory
 Merkle tree (32 bytes per leaf plus its share of the inner levels), and each relayed
-request id stays in the replay store until its window (120 s) passes. The tolerance
+request id stays in the replay store until its window (30 s by default) passes. The tolerance
 is therefore a budget per call (`PER_CALL_BYTES`) on top of a fixed allowance
 (`FIXED_BYTES`: allocator arenas, grpc and SQLite caches reaching their working
 size); a leak of even one message buffer per call (several KiB) exceeds it.
