@@ -132,7 +132,9 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
             str(root),
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert out.exists(), f"psngw bench exited {code} without its JSON:\n{printed[-3000:]}\n{captured.err[-3000:]}"
     report = json.loads(out.read_text())
 
     assert report.keys() >= TOP_FIELDS
