@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +18,11 @@ from gateway import __version__
 from gateway.errors import GatewayError
 
 __all__ = ["build_parser", "main"]
+
+# psngw starts processes (benchmark hops, workers) while grpc runs: with grpc's fork support on, a
+# child can abort between fork and exec (grpc/grpc#43055, its poller meeting a closed epoll fd).
+# Nothing here forks to keep using grpc in the child, so turn it off before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 #: Modules that add command groups, in the order `--help` lists them.
 _COMMAND_MODULES = (
