@@ -617,9 +617,9 @@ class Gateway:
         return 0.0 if self.relay.breaker(force).state is BreakerState.CLOSED else 1.0
 
     def _cosignatures(self) -> float:
-        size = self.audit_log.status()["last_checkpoint_size"]
-        witnesses = self.audit_log.status()["witnesses"].values()
-        return float(sum(1 for w in witnesses if w["size"] >= size > 0))
+        status = self.audit_log.status()  # one snapshot: size and witnesses from the same moment
+        size = status["last_checkpoint_size"]
+        return float(sum(1 for w in status["witnesses"].values() if w["size"] >= size > 0))
 
     def _observe_commit(self, seconds: float, records: int) -> None:
         self.metrics.audit_commit.observe(seconds)
