@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apsn/gateway/v1/relay.proto\x12\x0epsn.gateway.v1\"_\n\tPrincipal\x12\x12\n\nofficer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x03(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x11\n\tclearance\x18\x05 \x01(\t\"F\n\x07Purpose\x12\x15\n\rjustification\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61se_reference\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xe6\x03\n\x0c\x45nvelopeBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0corigin_force\x18\x03 \x01(\t\x12\x16\n\x0eorigin_gateway\x18\x04 \x01(\t\x12\x12\n\nhost_force\x18\x05 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12+\n\tcall_type\x18\x08 \x01(\x0e\x32\x18.psn.gateway.v1.CallType\x12,\n\tprincipal\x18\t \x01(\x0b\x32\x19.psn.gateway.v1.Principal\x12(\n\x07purpose\x18\n \x01(\x0b\x32\x17.psn.gateway.v1.Purpose\x12\x14\n\x0cissued_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0c \x01(\x03\x12\x17\n\x0fmessages_digest\x18\r \x01(\x0c\x12\x15\n\rmessage_count\x18\x0e \x01(\x04\x12/\n\x08metadata\x18\x0f \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x1a\n\x12origin_decision_id\x18\x10 \x01(\t\x12\x1d\n\x15origin_policy_version\x18\x11 \x01(\t\"\x95\x01\n\x0fRequestSealBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x03 \x01(\x0c\x12\x17\n\x0fmessages_digest\x18\x04 \x01(\x0c\x12\x15\n\rmessage_count\x18\x05 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\"\x8d\x03\n\x10ResponseSealBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x03 \x01(\x0c\x12\x12\n\nhost_force\x18\x04 \x01(\t\x12\x14\n\x0chost_gateway\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0estatus_message\x18\x07 \x01(\t\x12\x37\n\x10initial_metadata\x18\x08 \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x38\n\x11trailing_metadata\x18\t \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x17\n\x0fmessages_digest\x18\n \x01(\x0c\x12\x15\n\rmessage_count\x18\x0b \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_id\x18\r \x01(\t\x12\x16\n\x0epolicy_version\x18\x0e \x01(\t\"E\n\x06Signed\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"N\n\x11UnaryRelayRequest\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.psn.gateway.v1.Signed\x12\x0f\n\x07message\x18\x02 \x01(\x0c\"\\\n\x12UnaryRelayResponse\x12\x14\n\x07message\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12$\n\x04seal\x18\x02 \x01(\x0b\x32\x16.psn.gateway.v1.SignedB\n\n\x08_message\"*\n\rStreamMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x07Headers\x12/\n\x08metadata\x18\x01 \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\"\xff\x01\n\nRelayFrame\x12*\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x12\x30\n\x07message\x18\x02 \x01(\x0b\x32\x1d.psn.gateway.v1.StreamMessageH\x00\x12.\n\x0crequest_seal\x18\x03 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x12*\n\x07headers\x18\x04 \x01(\x0b\x32\x17.psn.gateway.v1.HeadersH\x00\x12/\n\rresponse_seal\x18\x05 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x42\x06\n\x04kind*g\n\x08\x43\x61llType\x12\x19\n\x15\x43\x41LL_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UNARY\x10\x01\x12\x11\n\rSERVER_STREAM\x10\x02\x12\x11\n\rCLIENT_STREAM\x10\x03\x12\x0f\n\x0b\x42IDI_STREAM\x10\x04\x32\x9d\x01\n\x05Relay\x12N\n\x05Unary\x12!.psn.gateway.v1.UnaryRelayRequest\x1a\".psn.gateway.v1.UnaryRelayResponse\x12\x44\n\x06Stream\x12\x1a.psn.gateway.v1.RelayFrame\x1a\x1a.psn.gateway.v1.RelayFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apsn/gateway/v1/relay.proto\x12\x0epsn.gateway.v1\"_\n\tPrincipal\x12\x12\n\nofficer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x03(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x11\n\tclearance\x18\x05 \x01(\t\"F\n\x07Purpose\x12\x15\n\rjustification\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61se_reference\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xe6\x03\n\x0c\x45nvelopeBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0corigin_force\x18\x03 \x01(\t\x12\x16\n\x0eorigin_gateway\x18\x04 \x01(\t\x12\x12\n\nhost_force\x18\x05 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12+\n\tcall_type\x18\x08 \x01(\x0e\x32\x18.psn.gateway.v1.CallType\x12,\n\tprincipal\x18\t \x01(\x0b\x32\x19.psn.gateway.v1.Principal\x12(\n\x07purpose\x18\n \x01(\x0b\x32\x17.psn.gateway.v1.Purpose\x12\x14\n\x0cissued_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0c \x01(\x03\x12\x17\n\x0fmessages_digest\x18\r \x01(\x0c\x12\x15\n\rmessage_count\x18\x0e \x01(\x04\x12/\n\x08metadata\x18\x0f \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x1a\n\x12origin_decision_id\x18\x10 \x01(\t\x12\x1d\n\x15origin_policy_version\x18\x11 \x01(\t\"\x95\x01\n\x0fRequestSealBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x03 \x01(\x0c\x12\x17\n\x0fmessages_digest\x18\x04 \x01(\x0c\x12\x15\n\rmessage_count\x18\x05 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\"\x8d\x03\n\x10ResponseSealBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nvelope_digest\x18\x03 \x01(\x0c\x12\x12\n\nhost_force\x18\x04 \x01(\t\x12\x14\n\x0chost_gateway\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0estatus_message\x18\x07 \x01(\t\x12\x37\n\x10initial_metadata\x18\x08 \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x38\n\x11trailing_metadata\x18\t \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\x12\x17\n\x0fmessages_digest\x18\n \x01(\x0c\x12\x15\n\rmessage_count\x18\x0b \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_id\x18\r \x01(\t\x12\x16\n\x0epolicy_version\x18\x0e \x01(\t\"p\n\x06Signed\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12)\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1a.psn.gateway.v1.BatchProof\"7\n\nBatchProof\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x03(\x0c\"N\n\x11UnaryRelayRequest\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.psn.gateway.v1.Signed\x12\x0f\n\x07message\x18\x02 \x01(\x0c\"\\\n\x12UnaryRelayResponse\x12\x14\n\x07message\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12$\n\x04seal\x18\x02 \x01(\x0b\x32\x16.psn.gateway.v1.SignedB\n\n\x08_message\"*\n\rStreamMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x07Headers\x12/\n\x08metadata\x18\x01 \x03(\x0b\x32\x1d.psn.gateway.v1.MetadataEntry\"\xff\x01\n\nRelayFrame\x12*\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x12\x30\n\x07message\x18\x02 \x01(\x0b\x32\x1d.psn.gateway.v1.StreamMessageH\x00\x12.\n\x0crequest_seal\x18\x03 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x12*\n\x07headers\x18\x04 \x01(\x0b\x32\x17.psn.gateway.v1.HeadersH\x00\x12/\n\rresponse_seal\x18\x05 \x01(\x0b\x32\x16.psn.gateway.v1.SignedH\x00\x42\x06\n\x04kind\"L\n\nMuxRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.psn.gateway.v1.UnaryRelayRequest\"+\n\nMuxRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8b\x01\n\x0bMuxResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".psn.gateway.v1.UnaryRelayResponseH\x00\x12-\n\x07refusal\x18\x03 \x01(\x0b\x32\x1a.psn.gateway.v1.MuxRefusalH\x00\x42\t\n\x07outcome\"y\n\x08MuxBatch\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.psn.gateway.v1.MuxRequest\x12.\n\tresponses\x18\x02 \x03(\x0b\x32\x1b.psn.gateway.v1.MuxResponse\x12\x0f\n\x07\x63\x61ncels\x18\x03 \x03(\x04*g\n\x08\x43\x61llType\x12\x19\n\x15\x43\x41LL_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UNARY\x10\x01\x12\x11\n\rSERVER_STREAM\x10\x02\x12\x11\n\rCLIENT_STREAM\x10\x03\x12\x0f\n\x0b\x42IDI_STREAM\x10\x04\x32\xdc\x01\n\x05Relay\x12N\n\x05Unary\x12!.psn.gateway.v1.UnaryRelayRequest\x1a\".psn.gateway.v1.UnaryRelayResponse\x12\x44\n\x06Stream\x12\x1a.psn.gateway.v1.RelayFrame\x1a\x1a.psn.gateway.v1.RelayFrame(\x01\x30\x01\x12=\n\x03Mux\x12\x18.psn.gateway.v1.MuxBatch\x1a\x18.psn.gateway.v1.MuxBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'psn.gateway.v1.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLTYPE']._serialized_start=1908
-  _globals['_CALLTYPE']._serialized_end=2011
+  _globals['_CALLTYPE']._serialized_start=2396
+  _globals['_CALLTYPE']._serialized_end=2499
   _globals['_PRINCIPAL']._serialized_start=46
   _globals['_PRINCIPAL']._serialized_end=141
   _globals['_PURPOSE']._serialized_start=143
@@ -46,17 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSESEALBODY']._serialized_start=902
   _globals['_RESPONSESEALBODY']._serialized_end=1299
   _globals['_SIGNED']._serialized_start=1301
-  _globals['_SIGNED']._serialized_end=1370
-  _globals['_UNARYRELAYREQUEST']._serialized_start=1372
-  _globals['_UNARYRELAYREQUEST']._serialized_end=1450
-  _globals['_UNARYRELAYRESPONSE']._serialized_start=1452
-  _globals['_UNARYRELAYRESPONSE']._serialized_end=1544
-  _globals['_STREAMMESSAGE']._serialized_start=1546
-  _globals['_STREAMMESSAGE']._serialized_end=1588
-  _globals['_HEADERS']._serialized_start=1590
-  _globals['_HEADERS']._serialized_end=1648
-  _globals['_RELAYFRAME']._serialized_start=1651
-  _globals['_RELAYFRAME']._serialized_end=1906
-  _globals['_RELAY']._serialized_start=2014
-  _globals['_RELAY']._serialized_end=2171
+  _globals['_SIGNED']._serialized_end=1413
+  _globals['_BATCHPROOF']._serialized_start=1415
+  _globals['_BATCHPROOF']._serialized_end=1470
+  _globals['_UNARYRELAYREQUEST']._serialized_start=1472
+  _globals['_UNARYRELAYREQUEST']._serialized_end=1550
+  _globals['_UNARYRELAYRESPONSE']._serialized_start=1552
+  _globals['_UNARYRELAYRESPONSE']._serialized_end=1644
+  _globals['_STREAMMESSAGE']._serialized_start=1646
+  _globals['_STREAMMESSAGE']._serialized_end=1688
+  _globals['_HEADERS']._serialized_start=1690
+  _globals['_HEADERS']._serialized_end=1748
+  _globals['_RELAYFRAME']._serialized_start=1751
+  _globals['_RELAYFRAME']._serialized_end=2006
+  _globals['_MUXREQUEST']._serialized_start=2008
+  _globals['_MUXREQUEST']._serialized_end=2084
+  _globals['_MUXREFUSAL']._serialized_start=2086
+  _globals['_MUXREFUSAL']._serialized_end=2129
+  _globals['_MUXRESPONSE']._serialized_start=2132
+  _globals['_MUXRESPONSE']._serialized_end=2271
+  _globals['_MUXBATCH']._serialized_start=2273
+  _globals['_MUXBATCH']._serialized_end=2394
+  _globals['_RELAY']._serialized_start=2502
+  _globals['_RELAY']._serialized_end=2722
 # @@protoc_insertion_point(module_scope)

@@ -320,25 +320,63 @@ class Signed(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     SIGNER_CERTIFICATE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     body: _builtins.bytes
     """The exact bytes that were signed: a serialised *Body message above."""
     signer_certificate: _builtins.bytes
     """DER of the signer's signing certificate (issued by its force's CA)."""
     signature: _builtins.bytes
+    @_builtins.property
+    def batch(self) -> Global___BatchProof:
+        """Set when one signature covers a batch of bodies signed together: then
+        `signature` is over the batch's Merkle tree head (RFC 6962 hashing over
+        the bodies, the batch size bound into the signed message) and this proves
+        that `body` is leaf `index` of it. Absent: `signature` is over `body`.
+        """
+
     def __init__(
         self,
         *,
         body: _builtins.bytes = ...,
         signer_certificate: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        batch: Global___BatchProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature", "signer_certificate", b"signer_certificate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "signature", b"signature", "signer_certificate", b"signer_certificate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Signed: _TypeAlias = Signed  # noqa: Y015
+
+@_typing.final
+class BatchProof(_message.Message):
+    """An RFC 6962 inclusion proof of one body in a signed batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    size: _builtins.int
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        size: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015
 
 @_typing.final
 class UnaryRelayRequest(_message.Message):
@@ -468,3 +506,119 @@ class RelayFrame(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___RelayFrame: _TypeAlias = RelayFrame  # noqa: Y015
+
+@_typing.final
+class MuxRequest(_message.Message):
+    """One unary call on a Mux stream: the id is the origin's, unique per stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___UnaryRelayRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: Global___UnaryRelayRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxRequest: _TypeAlias = MuxRequest  # noqa: Y015
+
+@_typing.final
+class MuxRefusal(_message.Message):
+    """A refusal before the envelope verified: nothing to seal, like an unsealed
+    status on the Unary RPC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxRefusal: _TypeAlias = MuxRefusal  # noqa: Y015
+
+@_typing.final
+class MuxResponse(_message.Message):
+    """The host's answer to one MuxRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___UnaryRelayResponse: ...
+    @_builtins.property
+    def refusal(self) -> Global___MuxRefusal: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: Global___UnaryRelayResponse | None = ...,
+        refusal: Global___MuxRefusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "refusal", b"refusal", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "outcome", b"outcome", "refusal", b"refusal", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "refusal"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___MuxResponse: _TypeAlias = MuxResponse  # noqa: Y015
+
+@_typing.final
+class MuxBatch(_message.Message):
+    """What one message on a Mux stream carries, in either direction: the origin
+    sends requests and cancellations, the host sends responses.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    CANCELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxRequest]: ...
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxResponse]: ...
+    @_builtins.property
+    def cancels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of requests whose caller gave up (cancelled or past its deadline)."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___MuxRequest] | None = ...,
+        responses: _abc.Iterable[Global___MuxResponse] | None = ...,
+        cancels: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "requests", b"requests", "responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxBatch: _TypeAlias = MuxBatch  # noqa: Y015

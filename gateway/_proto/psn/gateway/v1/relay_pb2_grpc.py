@@ -45,6 +45,11 @@ class RelayStub:
                 request_serializer=psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.SerializeToString,
                 response_deserializer=psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.FromString,
                 _registered_method=True)
+        self.Mux = channel.stream_stream(
+                '/psn.gateway.v1.Relay/Mux',
+                request_serializer=psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.SerializeToString,
+                response_deserializer=psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
@@ -67,6 +72,16 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Mux(self, request_iterator, context):
+        """Many unary calls over one long-lived stream (a relay channel): the origin
+        sends batches of requests, each with its own signed envelope; the host
+        answers each request by its id, in any order, with its own signed seal.
+        A call costs two messages on an open stream instead of an RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.FromString,
                     response_serializer=psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.SerializeToString,
+            ),
+            'Mux': grpc.stream_stream_rpc_method_handler(
+                    servicer.Mux,
+                    request_deserializer=psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.FromString,
+                    response_serializer=psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +156,33 @@ class Relay:
             '/psn.gateway.v1.Relay/Stream',
             psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.SerializeToString,
             psn_dot_gateway_dot_v1_dot_relay__pb2.RelayFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/psn.gateway.v1.Relay/Mux',
+            psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.SerializeToString,
+            psn_dot_gateway_dot_v1_dot_relay__pb2.MuxBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class RelayStub:
     The origin sends: envelope, messages, then (for client and bidi streams) a
     request seal. The host sends: headers, messages, then a response seal.
     """
+    Mux: _grpc.StreamStreamMultiCallable[_relay_pb2.MuxBatch, _relay_pb2.MuxBatch]
+    """Many unary calls over one long-lived stream (a relay channel): the origin
+    sends batches of requests, each with its own signed envelope; the host
+    answers each request by its id, in any order, with its own signed seal.
+    A call costs two messages on an open stream instead of an RPC.
+    """
 
 @_typing.type_check_only
 class RelayAsyncStub(RelayStub):
@@ -60,6 +66,12 @@ class RelayAsyncStub(RelayStub):
     """Server-streaming, client-streaming and bidirectional application calls.
     The origin sends: envelope, messages, then (for client and bidi streams) a
     request seal. The host sends: headers, messages, then a response seal.
+    """
+    Mux: _aio.StreamStreamMultiCallable[_relay_pb2.MuxBatch, _relay_pb2.MuxBatch]  # type: ignore[assignment]
+    """Many unary calls over one long-lived stream (a relay channel): the origin
+    sends batches of requests, each with its own signed envelope; the host
+    answers each request by its id, in any order, with its own signed seal.
+    A call costs two messages on an open stream instead of an RPC.
     """
 
 class RelayServicer(metaclass=_abc_1.ABCMeta):
@@ -82,6 +94,18 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         """Server-streaming, client-streaming and bidirectional application calls.
         The origin sends: envelope, messages, then (for client and bidi streams) a
         request seal. The host sends: headers, messages, then a response seal.
+        """
+
+    @_abc_1.abstractmethod
+    def Mux(
+        self,
+        request_iterator: _MaybeAsyncIterator[_relay_pb2.MuxBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_relay_pb2.MuxBatch], _abc.AsyncIterator[_relay_pb2.MuxBatch]]:
+        """Many unary calls over one long-lived stream (a relay channel): the origin
+        sends batches of requests, each with its own signed envelope; the host
+        answers each request by its id, in any order, with its own signed seal.
+        A call costs two messages on an open stream instead of an RPC.
         """
 
 def add_RelayServicer_to_server(servicer: RelayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
