@@ -141,6 +141,7 @@ TARGETS: dict[str, str] = {
     "direct": "direct mTLS to the backend",
     "gateway-1": "one gateway (own force's app)",
     "gateway-2": "two gateways (other force's app)",
+    "gateway-2-rpc": "two gateways, a Relay/Unary RPC per call",
     "pyproxy-1": "one transparent Python aio proxy",
     "pyproxy-2": "two transparent Python aio proxies",
     "nginx-1": "one nginx mTLS proxy",
@@ -1414,12 +1415,18 @@ class _Bench:
         if not self.options.keep_rate_limits:
             for path in layout.configs.values():
                 self.rate_limits = _lift_rate_limits(path)
-        if self.options.workers > 1:
-            # Several connections to each peer, so that SO_REUSEPORT spreads them over the workers.
-            for path in layout.configs.values():
-                path.write_text(path.read_text() + f"\n[limits]\npeer_channels = {4 * self.options.workers}\n")
         forces = list(FORCES)
         self.caller, self.host = forces[0], forces[1]
+        for force, path in layout.configs.items():
+            limits = []
+            if self.options.workers > 1:
+                # Several connections to each peer, so that SO_REUSEPORT spreads them over the workers.
+                limits.append(f"peer_channels = {4 * self.options.workers}")
+            if force == forces[2]:
+                # The third force's gateway relays as before relay channels: the gateway-2-rpc route.
+                limits.append("relay_channels = false")
+            if limits:
+                path.write_text(path.read_text() + "\n[limits]\n" + "\n".join(limits) + "\n")
         self._start_backends(layout)
         self._start_gateways(layout, list(FORCES))
         self._routes()
@@ -1601,6 +1608,22 @@ class _Bench:
             [caller, host],
             echo_host,
             md,
+        )
+
+        third = next(f for f in directory.forces if f not in (caller, host))
+        third_client = layout.material[third].app_clients["analyst-desk"]
+        self.routes["gateway-2-rpc"] = _Route(
+            "gateway-2-rpc",
+            f"analyst-desk@{third} -> gateway {third} -> gateway {host} -> {echo_host}, one Relay/Unary RPC a call",
+            layout.local_address(third),
+            directory.forces[third].gateway_server_name,
+            layout.material[third].ca,
+            third_client.cert_path,
+            third_client.key_path,
+            service_host,
+            [third, host],
+            echo_host,
+            self._call_metadata(third),
         )
 
     def _proxy_layout(self) -> list[_ProxySpec]:

@@ -122,6 +122,8 @@ class LimitsConfig:
     #: what is forwarded to a backend: under grpc's default 8 KiB, with room for the psn-gw-* headers
     max_forwarded_metadata_bytes: int = 6 * 1024
     peer_channels: int = 2
+    #: unary relay calls go over long-lived `Relay/Mux` streams (one per peer channel), not an RPC each
+    relay_channels: bool = True
     backend_connect_timeout: float = 2.0
     shutdown_grace: float = 10.0
     max_concurrent_calls: int = 1000
@@ -142,6 +144,7 @@ class LimitsConfig:
                 "max_forwarded_metadata_bytes", d.max_forwarded_metadata_bytes, minimum=0, maximum=1 << 20
             ),
             peer_channels=sec.integer("peer_channels", d.peer_channels, minimum=1, maximum=64),
+            relay_channels=sec.flag("relay_channels", d.relay_channels),
             backend_connect_timeout=sec.number(
                 "backend_connect_timeout_seconds", d.backend_connect_timeout, minimum=0.05, maximum=60
             ),

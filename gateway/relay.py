@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.breaker import Breaker
-from gateway.clock import Clock
+from gateway.clock import Clock, SystemClock
 from gateway.directory import CallType
 from gateway.envelope import (
     Envelope,
@@ -38,9 +38,17 @@ from gateway.envelope import (
     seal_envelope,
     seal_request,
 )
-from gateway.errors import GatewayError, InvalidArgument, RequestRefused, Unauthenticated, Unavailable
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    InvalidArgument,
+    RequestRefused,
+    Unauthenticated,
+    Unavailable,
+)
 from gateway.forward import Metadata, Reply, reply_from_error
 from gateway.metadata import from_relay_entries, to_relay_entries
+from gateway.mux import MuxClient, MuxUnsupported
 from gateway.pipeline import Call
 from gateway.tls import ChannelPool
 
@@ -56,6 +64,8 @@ __all__ = [
 log = logging.getLogger("psngw.relay")
 
 _UNARY = "/psn.gateway.v1.Relay/Unary"
+#: Larger unary requests go as their own `Relay/Unary` RPC, not packed into a relay channel batch.
+_MUX_MAX_MESSAGE = 256 * 1024
 _STREAM = "/psn.gateway.v1.Relay/Stream"
 
 
@@ -79,6 +89,7 @@ class RelayClient:
         clock: Clock,
         breaker_failures: int = 5,
         breaker_cooldown: float = 5.0,
+        mux: MuxClient | None = None,
     ) -> None:
         self.force = force
         self.gateway_id = gateway_id
@@ -89,6 +100,8 @@ class RelayClient:
         self._breaker_failures = breaker_failures
         self._breaker_cooldown = breaker_cooldown
         self.breakers: dict[str, Breaker] = {}
+        #: relay channels (`Relay/Mux`) for unary calls; None: one `Relay/Unary` RPC per call
+        self.mux = mux
 
     def envelope(self, call: Call, *, digest: bytes | None, count: int) -> Envelope:
         """The request envelope for `call` (its principal and purpose are verified)."""
@@ -137,18 +150,82 @@ class RelayClient:
         digest.update(request)
         call.request_digest = digest.digest
         signed, env_digest = self._sign(call, self.envelope(call, digest=digest.digest, count=1))
+        request_pb = relay_pb2.UnaryRelayRequest(envelope=signed, message=request)
+        breaker = self.breaker(host)
+        breaker.allow()
+        answer: relay_pb2.UnaryRelayResponse | Reply | None = None
+        if self.mux is not None and len(request) <= _MUX_MAX_MESSAGE and self.mux.supports(host):
+            answer = await self._over_mux(breaker, host, call, request_pb)
+            if answer is None:  # the host has no relay channels: this call was not delivered
+                breaker.allow()
+        if answer is None:
+            answer = await self._over_rpc(breaker, host, call, request_pb)
+        if isinstance(answer, Reply):
+            return answer
+        response = answer
+        message = response.message if response.HasField("message") else None
+        received = MessageDigest()
+        if message is not None:
+            received.update(message)
+        try:
+            seal = self._verifier.verify_response_seal(
+                response.seal,
+                envelope_digest=env_digest,
+                request_id=call.request_id,
+                host_force=host,
+                digest=received.digest,
+                count=received.count,
+            )
+        except RequestRefused as exc:
+            raise _unverified(host, exc) from exc
+        call.response_digest = received.digest
+        call.seal_signature = response.seal.signature
+        return _reply_from_seal(seal.value, message)
+
+    async def _over_mux(
+        self, breaker: Breaker, host: str, call: Call, request: relay_pb2.UnaryRelayRequest
+    ) -> relay_pb2.UnaryRelayResponse | Reply | None:
+        """Send over a relay channel: the host's response, a refusal it sent (a Reply), None if unsupported."""
+        assert self.mux is not None  # noqa: S101  # the caller checked
+        try:
+            answer = await self.mux.call(host, request, timeout=call.remaining(self._clock.monotonic()))
+        except MuxUnsupported:
+            breaker.release()
+            return None
+        except Unavailable:
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.release()
+            raise
+        if answer.HasField("refusal"):
+            # Judged like a status on `Relay/Unary` (`_judge`): a refusal is the host's answer, except
+            # that UNAVAILABLE and DEADLINE_EXCEEDED are failures of the relay, never passed on as they are.
+            code = _STATUS_BY_VALUE.get(answer.refusal.code, grpc.StatusCode.UNKNOWN)
+            what = f"relay to {host}: {code.name}: {answer.refusal.message}"
+            if code is grpc.StatusCode.OK or code in _NOT_AN_ANSWER or code is grpc.StatusCode.UNAVAILABLE:
+                breaker.failure()
+                raise Unavailable(what)
+            breaker.success()
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(what)
+            return Reply(code=code, details=answer.refusal.message)
+        breaker.success()
+        if not answer.HasField("response"):
+            raise _unverified(host, InvalidArgument("relay channel answer carries neither response nor refusal"))
+        return answer.response
+
+    async def _over_rpc(
+        self, breaker: Breaker, host: str, call: Call, request: relay_pb2.UnaryRelayRequest
+    ) -> relay_pb2.UnaryRelayResponse | Reply:
+        """Send as one `Relay/Unary` RPC: the host's response, or a refusal it sent (a Reply)."""
         channel = self._peers.channel(host)
         # The response comes back as bytes and is parsed here: grpc's own deserialiser turns garbage from
         # the host into None plus a log line, which would end the call outside the gateway's error handling.
         multi: grpc.aio.UnaryUnaryMultiCallable[relay_pb2.UnaryRelayRequest, bytes]
         multi = channel.unary_unary(_UNARY, request_serializer=relay_pb2.UnaryRelayRequest.SerializeToString)
-        breaker = self.breaker(host)
-        breaker.allow()
         try:
-            raw = await multi(
-                relay_pb2.UnaryRelayRequest(envelope=signed, message=request),
-                timeout=call.remaining(self._clock.monotonic()),
-            )
+            raw = await multi(request, timeout=call.remaining(self._clock.monotonic()))
         except grpc.aio.AioRpcError as exc:
             return _judge(breaker, exc, what=f"relay to {host}")
         except BaseException:
@@ -156,27 +233,9 @@ class RelayClient:
             raise
         breaker.success()
         try:
-            response = relay_pb2.UnaryRelayResponse.FromString(raw)
+            return relay_pb2.UnaryRelayResponse.FromString(raw)
         except DecodeError as exc:
             raise _unverified(host, InvalidArgument(f"relay response does not parse: {exc}")) from exc
-        message = response.message if response.HasField("message") else None
-        answer = MessageDigest()
-        if message is not None:
-            answer.update(message)
-        try:
-            seal = self._verifier.verify_response_seal(
-                response.seal,
-                envelope_digest=env_digest,
-                request_id=call.request_id,
-                host_force=host,
-                digest=answer.digest,
-                count=answer.count,
-            )
-        except RequestRefused as exc:
-            raise _unverified(host, exc) from exc
-        call.response_digest = answer.digest
-        call.seal_signature = response.seal.signature
-        return _reply_from_seal(seal.value, message)
 
     async def stream(self, call: Call) -> RelayUpstream:
         """Open a streaming relay call toward the host force."""
@@ -388,8 +447,9 @@ class EnvelopeStage:
 
     name = "envelope"
 
-    def __init__(self, verifier: EnvelopeVerifier) -> None:
+    def __init__(self, verifier: EnvelopeVerifier, clock: Clock | None = None) -> None:
         self._verifier = verifier
+        self._clock = clock or SystemClock()
 
     async def __call__(self, call: Call) -> None:
         """Verify the envelope in `call.relay_request`; fill the call from it."""
@@ -414,6 +474,10 @@ class EnvelopeStage:
         elif env.call_type is CallType.UNARY:
             raise InvalidArgument("envelope for a unary call on the stream relay")
         call.envelope = verified
+        if env.deadline is not None:
+            # The signed deadline bounds the call even where the transport carries none (a relay channel).
+            mono = self._clock.monotonic() + (env.deadline - self._clock.now())
+            call.deadline_mono = mono if call.deadline_mono is None else min(call.deadline_mono, mono)
         call.method = env.method
         call.principal = env.principal
         call.purpose = env.purpose

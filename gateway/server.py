@@ -48,6 +48,7 @@ from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstre
 from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
 from gateway.metrics import GatewayMetrics, Registry
+from gateway.mux import MUX_METHOD, MuxClient, MuxHost
 from gateway.pipeline import (
     Call,
     DeadlineStage,
@@ -194,6 +195,7 @@ class Gateway:
             clock=self.clock,
             breaker_failures=limits.peer_failures,
             breaker_cooldown=limits.peer_cooldown,
+            mux=MuxClient(self.peers, clock=self.clock) if limits.relay_channels else None,
         )
         self.policy = PolicyHolder(load_policy(config.policy.dir, config.directory))
         self.shadow: ShadowPolicy | None = None
@@ -222,7 +224,7 @@ class Gateway:
         )
         self.peer_pipeline = Pipeline(
             [
-                EnvelopeStage(self.envelope_verifier),
+                EnvelopeStage(self.envelope_verifier, self.clock),
                 RouteStage(self.directory, force=self.force, listener=Listener.PEER),
                 DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
                 RateLimitStage(self.rate_limiter, own_force=self.force),
@@ -242,6 +244,8 @@ class Gateway:
         self._health = health_aio.HealthServicer()
         self.ports: _Ports | None = None
         self._stopping = asyncio.Event()
+        #: set when `stop` begins: relay channels take no new calls and end once theirs are answered
+        self._draining = asyncio.Event()
 
     # -- what the stages read ---------------------------------------------------
 
@@ -396,6 +400,7 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls; let calls in flight finish within `grace` seconds."""
         grace = self.config.limits.shutdown_grace if grace is None else grace
+        self._draining.set()
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
         if self._watcher is not None:
@@ -408,6 +413,8 @@ class Gateway:
             await self._admin.stop()
         await self.audit_log.close()
         await self.backends.close()
+        if self.relay.mux is not None:
+            await self.relay.mux.close()
         await self.peers.close()
         self._stopping.set()
         log.info("gateway of %s stopped", self.force, extra={"force": self.force})
@@ -678,6 +685,11 @@ class Gateway:
 
     async def refuse(self, call: Call, exc: GatewayError, context: Context, *, event: str = "call") -> None:
         """Record a refused call (`event`: a stream refused after it opened closes it) and end it; never returns."""
+        refused = await self._record_refusal(call, exc, event=event)
+        await context.abort(refused.code, refused.public, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
+
+    async def _record_refusal(self, call: Call, exc: GatewayError, *, event: str = "call") -> _Refused:
+        """Record a refused call; the status and public text its caller gets (UNAVAILABLE if unrecorded)."""
         code = self._note_refusal(call, exc)
         call.status = code.name
         call.status_message = exc.public
@@ -686,7 +698,7 @@ class Gateway:
         except GatewayError as audit_exc:
             code, exc = status_for(audit_exc), audit_exc
             log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
-        await context.abort(code, exc.public, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
+        return _Refused(code, exc.public)
 
     async def finish(self, call: Call, reply: Reply, context: Context, event: str) -> bytes | None:
         """Record the outcome durably, then release the reply to the caller."""
@@ -850,14 +862,24 @@ class Gateway:
     async def _peer_unary(self, request: bytes, context: PeerContext) -> relay_pb2.UnaryRelayResponse:
         call = self.new_call(Listener.PEER, _RELAY_UNARY, context)
         call.relay_request = request
+        outcome = await self._relayed_unary(call)
+        if isinstance(outcome, _Refused):
+            await context.abort(outcome.code, outcome.public, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
+        return outcome
+
+    async def _relayed_unary(self, call: Call) -> relay_pb2.UnaryRelayResponse | _Refused:
+        """A relayed unary call (`Relay/Unary` or a relay channel), from peer identity to its durable record.
+
+        The sealed response; or, for a refusal before the envelope verified (nothing to seal), the
+        recorded refusal's status.
+        """
         try:
             await self.peer_identity.admit(call)
-        except GatewayError as exc:
-            await self.refuse(call, exc, context)
-        try:
-            await self._peer_admit(call, context)
+            await self.peer_pipeline.admit(call)
             reply = await self._forward_timed(self.forward_unary(call, call.relay_request.message))
         except GatewayError as exc:
+            if call.envelope is None:
+                return await self._record_refusal(call, exc)
             reply = self._refusal_reply(call, exc)
         except asyncio.CancelledError:
             self._record_cancelled(call, "call")
@@ -871,11 +893,65 @@ class Gateway:
         try:
             await self.record(call, "call")
         except GatewayError as exc:
-            await self.refuse(call, exc, context)
+            return await self._record_refusal(call, exc)
         response = relay_pb2.UnaryRelayResponse(seal=signed)
         if reply.message is not None:
             response.message = reply.message
         return response
+
+    # -- relay channels (`Relay/Mux`): many unary calls over one stream (gateway.mux) --
+
+    def _mux_call(self, peer_certificate: bytes | None) -> Call:
+        now, mono = self.clock.now(), self.clock.monotonic()
+        # No transport deadline: the envelope stage takes the call's deadline from the signed envelope.
+        return Call(
+            listener=Listener.PEER,
+            method=MUX_METHOD,
+            metadata=(),
+            peer_certificate=peer_certificate,
+            started_at=now,
+            started_mono=mono,
+        )
+
+    async def peer_mux(self, context: PeerContext) -> None:
+        """A relay channel from another force's gateway: its calls each run as a relayed unary call."""
+        peer_certificate = _peer_certificate(context)
+        opening = self._mux_call(peer_certificate)
+        try:
+            await self.peer_identity.admit(opening)
+        except GatewayError as exc:
+            await self.refuse(opening, exc, context)
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            call = self._mux_call(peer_certificate)
+            call.relay_request = request.request
+            with self._in_flight(Listener.PEER):
+                outcome = await self._relayed_unary(call)
+            if isinstance(outcome, _Refused):
+                return relay_pb2.MuxResponse(
+                    id=request.id, refusal=relay_pb2.MuxRefusal(code=outcome.code.value[0], message=outcome.public)
+                )
+            return relay_pb2.MuxResponse(id=request.id, response=outcome)
+
+        async def refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
+            call = self._mux_call(peer_certificate)
+            call.peer = opening.peer
+            refused = await self._record_refusal(call, exc)
+            return relay_pb2.MuxResponse(
+                id=request.id, refusal=relay_pb2.MuxRefusal(code=refused.code.value[0], message=refused.public)
+            )
+
+        host = MuxHost(
+            context,
+            handle=handle,
+            refuse=refuse,
+            max_in_flight=self.config.limits.max_concurrent_calls,
+            draining=self._draining,
+        )
+        try:
+            await host.serve()
+        except GatewayError as exc:
+            await self.refuse(opening, exc, context)
 
     async def peer_witness(self, raw: bytes, context: PeerContext) -> witness_pb2.AddCheckpointResponse:
         """A peer force's log submits a checkpoint for this gateway to witness."""
@@ -990,6 +1066,10 @@ class _PeerHandler(grpc.GenericRpcHandler):
         self._stream = grpc.stream_stream_rpc_method_handler(
             partial(_peer_stream_entry, gateway), response_serializer=relay_pb2.RelayFrame.SerializeToString
         )
+        self._mux: grpc.RpcMethodHandler[bytes, relay_pb2.MuxBatch]
+        self._mux = grpc.stream_stream_rpc_method_handler(
+            partial(_peer_mux_entry, gateway), response_serializer=relay_pb2.MuxBatch.SerializeToString
+        )
         self._witness: grpc.RpcMethodHandler[bytes, witness_pb2.AddCheckpointResponse]
         self._witness = grpc.unary_unary_rpc_method_handler(
             gateway.peer_witness, response_serializer=witness_pb2.AddCheckpointResponse.SerializeToString
@@ -1001,6 +1081,8 @@ class _PeerHandler(grpc.GenericRpcHandler):
             return self._unary
         if method == _RELAY_STREAM:
             return self._stream
+        if method == MUX_METHOD:
+            return self._mux
         if method == ADD_CHECKPOINT:
             return self._witness
         return None
@@ -1008,6 +1090,18 @@ class _PeerHandler(grpc.GenericRpcHandler):
 
 async def _peer_stream_entry(gateway: Gateway, _requests: Any, context: PeerContext) -> None:
     await gateway.peer_stream(context)
+
+
+async def _peer_mux_entry(gateway: Gateway, _requests: Any, context: PeerContext) -> None:
+    await gateway.peer_mux(context)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A recorded refusal: the status and public text its caller gets."""
+
+    code: grpc.StatusCode
+    public: str
 
 
 class _LocalHandler(grpc.GenericRpcHandler):

@@ -39,6 +39,7 @@ __all__ = ["RawPeer", "RelayOutcome", "frames_of"]
 
 UNARY = "/psn.gateway.v1.Relay/Unary"
 STREAM = "/psn.gateway.v1.Relay/Stream"
+MUX = "/psn.gateway.v1.Relay/Mux"
 WITNESS = "/psn.gateway.v1.Witness/AddCheckpoint"
 PURPOSE = Purpose("investigation", "OP-HOSTILE-1", "hostile relay test")
 
@@ -166,8 +167,12 @@ class RawPeer:
 
     # -- sending -------------------------------------------------------------------------
 
-    def unary(self, signed: relay_pb2.Signed, message: bytes, *, timeout: float = 10) -> RelayOutcome:
-        """A Unary relay call."""
+    def unary(
+        self, signed: relay_pb2.Signed, message: bytes, *, timeout: float = 10, via_mux: bool = False
+    ) -> RelayOutcome:
+        """A Unary relay call (`via_mux`: the same request as the only call on a relay channel)."""
+        if via_mux:
+            return self.mux((1, signed, message), timeout=timeout)[1]
         return self.unary_raw(
             relay_pb2.UnaryRelayRequest(envelope=signed, message=message).SerializeToString(), timeout
         )
@@ -202,6 +207,40 @@ class RawPeer:
         """A Stream relay call sending `frames`."""
         return self.stream_raw(frames_of(*frames), timeout=timeout)
 
+    def mux_raw(self, batches: Iterable[bytes], *, timeout: float = 10) -> tuple[RelayOutcome, list[Any]]:
+        """A relay channel (`Relay/Mux`) sending exactly `batches`, then half-closing: its end and the answers."""
+        call = self.channel.stream_stream(MUX)
+        answers: list[relay_pb2.MuxResponse] = []
+        try:
+            for raw in call(iter(list(batches)), timeout=timeout):
+                answers.extend(relay_pb2.MuxBatch.FromString(raw).responses)
+        except grpc.RpcError as exc:
+            return RelayOutcome(exc.code(), exc.details() or ""), answers
+        return RelayOutcome(grpc.StatusCode.OK, ""), answers
+
+    def mux(self, *requests: tuple[int, relay_pb2.Signed, bytes], timeout: float = 10) -> dict[int, RelayOutcome]:
+        """Unary calls over one relay channel, all in one batch: each answer's outcome by request id."""
+        batch = relay_pb2.MuxBatch(
+            requests=[
+                relay_pb2.MuxRequest(id=i, request=relay_pb2.UnaryRelayRequest(envelope=signed, message=message))
+                for i, signed, message in requests
+            ]
+        )
+        end, answers = self.mux_raw([batch.SerializeToString()], timeout=timeout)
+        assert end.code is grpc.StatusCode.OK, end
+        out: dict[int, RelayOutcome] = {}
+        for answer in answers:
+            if answer.HasField("refusal"):
+                out[answer.id] = RelayOutcome(grpc.StatusCode(_CODES[answer.refusal.code]), answer.refusal.message)
+            else:
+                out[answer.id] = RelayOutcome(
+                    grpc.StatusCode.OK, "", _sealed_status(answer.response.seal), (answer.response,)
+                )
+        return out
+
+
+_CODES = {code.value[0]: code.value for code in grpc.StatusCode}
+
 
 def message_frame(seq: int, data: bytes) -> relay_pb2.RelayFrame:
     """A numbered request message frame."""
@@ -218,4 +257,4 @@ def seal_frame(signed: relay_pb2.Signed) -> relay_pb2.RelayFrame:
     return relay_pb2.RelayFrame(request_seal=signed)
 
 
-__all__ += ["PURPOSE", "STREAM", "UNARY", "WITNESS", "CallType", "envelope_frame", "message_frame", "seal_frame"]
+__all__ += ["MUX", "PURPOSE", "STREAM", "UNARY", "WITNESS", "CallType", "envelope_frame", "message_frame", "seal_frame"]

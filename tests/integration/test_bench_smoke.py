@@ -144,7 +144,16 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert set(report["workloads"]) == {"unary", "server-stream", "client-stream"}
     for name, block in report["workloads"].items():
         targets = [r["target"] for r in block["rows"]]
-        assert targets == ["direct", "gateway-1", "gateway-2", "pyproxy-1", "pyproxy-2", "nginx-1", "nginx-2"], name
+        assert targets == [
+            "direct",
+            "gateway-1",
+            "gateway-2",
+            "gateway-2-rpc",
+            "pyproxy-1",
+            "pyproxy-2",
+            "nginx-1",
+            "nginx-2",
+        ], name
         for row in block["rows"]:
             assert row.keys() >= ROW_FIELDS, (name, row["target"])
             assert row["status"] in {"ok", "failed", "skipped"}

@@ -117,6 +117,8 @@ class Ctx:
     net: NetworkThread
     officer: str
     peers: dict[tuple[str, str], RawPeer] = field(default_factory=dict)
+    #: unary relay cases send their request over a relay channel (`Relay/Mux`) instead of `Relay/Unary`
+    via_mux: bool = False
 
     def peer(self, origin: str, host: str) -> RawPeer:
         """`origin`'s gateway, talking raw relay to `host`."""
@@ -222,7 +224,7 @@ def _unary(ctx: Ctx, mutate: Callable[[RawPeer, Any], Any] | None = None, **env_
     if mutate is not None:
         env = mutate(p, env)
     signed = env if isinstance(env, relay_pb2.Signed) else p.sign(env)
-    return relay(p.unary(signed, SEARCH_MSG))
+    return relay(p.unary(signed, SEARCH_MSG, via_mux=ctx.via_mux))
 
 
 def _flip_signature(p: RawPeer, env: Any) -> relay_pb2.Signed:
@@ -247,9 +249,9 @@ def _other_signer(ctx: Ctx) -> Signer:
 def _replayed(ctx: Ctx) -> Outcome:
     p = ctx.peer(SURREY, TV)
     signed = p.sign(p.envelope(SEARCH, message=SEARCH_MSG, officer=ctx.officer))
-    first = p.unary(signed, SEARCH_MSG)
+    first = p.unary(signed, SEARCH_MSG, via_mux=ctx.via_mux)
     assert first.status == "OK", first  # captured from a call that succeeded
-    return relay(p.unary(signed, SEARCH_MSG))
+    return relay(p.unary(signed, SEARCH_MSG))  # replayed over the other relay path (Relay/Unary)
 
 
 def _stream(ctx: Ctx, build: Callable[[RawPeer, Any, relay_pb2.Signed], list[Any]], **env_kw: Any) -> Outcome:
@@ -866,8 +868,30 @@ def _find(ctx: Ctx, case: Case, since: float) -> list[Any]:
     ]
 
 
+def _unary_relay_params() -> Iterator[Any]:
+    for name, case in CASES.items():
+        run = getattr(case, "run", None)
+        if run is not None and ("_unary" in run.__code__.co_names or run is _replayed):
+            yield pytest.param(case, id=name)
+
+
 @pytest.mark.parametrize("case", list(_params()))
 def test_corpus_case(ctx: Ctx, case: Case) -> None:
+    _check_case(ctx, case)
+
+
+@pytest.mark.parametrize("case", list(_unary_relay_params()))
+def test_unary_relay_case_over_a_relay_channel(ctx: Ctx, case: Case) -> None:
+    """Every hostile unary relay request meets the same refusal and record on `Relay/Mux` as on `Relay/Unary`."""
+    ctx.via_mux = True
+    _check_case(ctx, case)
+
+
+def test_some_unary_relay_cases_run_over_relay_channels() -> None:
+    assert len(list(_unary_relay_params())) >= 15
+
+
+def _check_case(ctx: Ctx, case: Case) -> None:
     since = time.time()
     status, details = case.run(ctx)
     assert status == case.status, (status, details)

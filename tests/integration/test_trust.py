@@ -319,8 +319,9 @@ def test_revoking_a_peer_gateway_tls_certificate_refuses_its_relays_until_it_has
         assert search(bystander) == (OK, "")  # other forces still relay to the same host
         [refusal, *_] = records_since(tnet, host, since, status="UNAUTHENTICATED")
         assert refusal.refusal_stage == "peer-identity" and "certificate is revoked" in refusal.refusal_reason
-        assert refusal.method == "/psn.gateway.v1.Relay/Unary"
-        assert any("refused /psn.gateway.v1.Relay/Unary at peer-identity" in line for line in _server_logs(caplog))
+        # Refused on the relay channel that was already open: peer identity is checked per call, not per stream.
+        assert refusal.method == "/psn.gateway.v1.Relay/Mux"
+        assert any("refused /psn.gateway.v1.Relay/Mux at peer-identity" in line for line in _server_logs(caplog))
         # The operator issues a new certificate: the gateway picks it up, relays work again.
         fresh = reissue(material, pki.CertKind.GATEWAY_TLS)
         wait_for(lambda: search(ch) == (OK, ""), f"{origin}'s new certificate to be used", timeout=PROPAGATION)

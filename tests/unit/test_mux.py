@@ -1,0 +1,187 @@
+"""The host side of a relay channel (gateway.mux.MuxHost), driven without a network.
+
+A fake stream context feeds batches in and collects the batches written back; the handler is a
+stand-in for the gateway's relayed-unary path. What must hold: every request gets exactly one
+answer under its id; answers ready together travel together; a cap on calls in flight refuses
+the excess (recorded by `refuse`, not dropped); a cancellation reaches the running call;
+draining takes no new batches but answers the calls in flight before the stream ends; garbage
+ends the stream with InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.errors import GatewayError, InvalidArgument
+from gateway.mux import MuxHost
+
+
+class FakeStream:
+    """A servicer context: `read` takes from a queue, `write` collects."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
+        self.written: list[relay_pb2.MuxBatch] = []
+
+    async def read(self) -> Any:
+        return await self.incoming.get()
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        self.written.append(batch)
+
+    def send(self, *ids: int, cancels: tuple[int, ...] = ()) -> None:
+        batch = relay_pb2.MuxBatch(requests=[relay_pb2.MuxRequest(id=i) for i in ids], cancels=cancels)
+        self.incoming.put_nowait(batch.SerializeToString())
+
+    def answers(self) -> list[relay_pb2.MuxResponse]:
+        return [a for batch in self.written for a in batch.responses]
+
+
+def _ok(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+    return relay_pb2.MuxResponse(id=request.id, response=relay_pb2.UnaryRelayResponse(message=b"ok"))
+
+
+async def _refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
+    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidArgument) else grpc.StatusCode.UNAVAILABLE
+    return relay_pb2.MuxResponse(id=request.id, refusal=relay_pb2.MuxRefusal(code=code.value[0], message=exc.reason))
+
+
+def _host(
+    stream: FakeStream, handle: Any, *, max_in_flight: int = 100, draining: asyncio.Event | None = None
+) -> MuxHost:
+    return MuxHost(
+        stream,  # type: ignore[arg-type]  # the fake has the two methods MuxHost uses
+        handle=handle,
+        refuse=_refuse,
+        max_in_flight=max_in_flight,
+        draining=draining or asyncio.Event(),
+    )
+
+
+def test_every_request_is_answered_once_under_its_id_and_ready_answers_share_a_batch() -> None:
+    async def run() -> FakeStream:
+        stream = FakeStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        stream.send(*range(1, 21))
+        stream.send(21, 22)
+        stream.incoming.put_nowait(grpc.aio.EOF)
+        await _host(stream, handle).serve()
+        return stream
+
+    stream = asyncio.run(run())
+    ids = [a.id for a in stream.answers()]
+    assert sorted(ids) == list(range(1, 23))
+    assert len(stream.written) < 22  # answers ready together went out together
+
+
+def test_calls_over_the_in_flight_cap_are_refused_through_refuse_not_dropped() -> None:
+    async def run() -> FakeStream:
+        stream = FakeStream()
+        release = asyncio.Event()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            await release.wait()
+            return _ok(request)
+
+        stream.send(1, 2, 3, 4, 5)
+        host = asyncio.ensure_future(_host(stream, handle, max_in_flight=3).serve())
+        await asyncio.sleep(0.05)
+        release.set()
+        stream.incoming.put_nowait(grpc.aio.EOF)
+        await host
+        return stream
+
+    answers = {a.id: a for a in asyncio.run(run()).answers()}
+    assert sorted(answers) == [1, 2, 3, 4, 5]
+    refused = [i for i, a in answers.items() if a.HasField("refusal")]
+    assert refused == [4, 5]
+    assert answers[4].refusal.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def test_a_cancellation_reaches_the_running_call() -> None:
+    cancelled: list[int] = []
+
+    async def run() -> FakeStream:
+        stream = FakeStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(request.id)
+                raise
+            return _ok(request)
+
+        stream.send(9)
+        host = asyncio.ensure_future(_host(stream, handle).serve())
+        await asyncio.sleep(0.02)
+        stream.send(cancels=(9,))
+        await asyncio.sleep(0.02)
+        stream.incoming.put_nowait(grpc.aio.EOF)
+        await asyncio.wait_for(host, 5)
+        return stream
+
+    stream = asyncio.run(run())
+    assert cancelled == [9]
+    assert stream.answers() == []  # the origin gave up on it: nothing to answer
+
+
+def test_draining_takes_no_new_batches_and_answers_the_calls_in_flight_before_ending() -> None:
+    async def run() -> tuple[FakeStream, list[int]]:
+        stream = FakeStream()
+        draining = asyncio.Event()
+        started: list[int] = []
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            started.append(request.id)
+            await asyncio.sleep(0.05)
+            return _ok(request)
+
+        stream.send(1, 2)
+        host = asyncio.ensure_future(_host(stream, handle, draining=draining).serve())
+        await asyncio.sleep(0.01)
+        draining.set()
+        await asyncio.sleep(0)
+        stream.send(3)  # arrives after draining began: never started
+        await asyncio.wait_for(host, 5)  # ends without the origin closing the stream
+        return stream, started
+
+    stream, started = asyncio.run(run())
+    assert started == [1, 2]
+    assert sorted(a.id for a in stream.answers()) == [1, 2]
+
+
+def test_a_batch_that_does_not_parse_ends_the_stream_with_invalid_argument() -> None:
+    async def run() -> None:
+        stream = FakeStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        stream.incoming.put_nowait(b"\xff\xff\xff")
+        await _host(stream, handle).serve()
+
+    with pytest.raises(InvalidArgument, match="does not parse"):
+        asyncio.run(run())
+
+
+def test_a_batch_of_too_many_items_is_refused() -> None:
+    async def run() -> None:
+        stream = FakeStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        stream.send(*range(1, 1000))
+        await _host(stream, handle).serve()
+
+    with pytest.raises(InvalidArgument, match="more than"):
+        asyncio.run(run())
