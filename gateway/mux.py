@@ -119,6 +119,9 @@ class _ClientStream:
         try:
             while True:
                 await self._wake.wait()
+                # One turn of the loop first: calls that are ready now join this batch (unloaded, that
+                # costs one loop iteration; under load, it packs many calls into one message).
+                await asyncio.sleep(0)
                 self._wake.clear()
                 while self._outbox or self._cancels:
                     batch = relay_pb2.MuxBatch(cancels=self._cancels[:_MAX_BATCH_ITEMS])
@@ -370,6 +373,7 @@ class MuxHost:
         try:
             while True:
                 await self._wake.wait()
+                await asyncio.sleep(0)  # answers ready in this turn of the loop go together (`_ClientStream`)
                 self._wake.clear()
                 if self._finishing and not self._answers:
                     return

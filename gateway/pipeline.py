@@ -28,7 +28,7 @@ from gateway.ids import new_id
 from gateway.metadata import split_metadata
 from gateway.policy.values import Decision, DecisionRequest
 from gateway.principal import Principal, Purpose
-from gateway.purpose import PurposeConfig, parse_purpose
+from gateway.purpose import PURPOSE_KEYS, PurposeConfig, parse_purpose
 from gateway.token import TokenVerifier
 
 __all__ = [
@@ -277,12 +277,26 @@ class PurposeStage:
 
     name = "purpose"
 
+    #: purposes parsed recently, by their three raw values (an application often repeats one for many calls)
+    _CACHE_SIZE = 1024
+
     def __init__(self, config: PurposeConfig) -> None:
         self._config = config
+        self._parsed: dict[tuple[object, ...], Purpose] = {}
 
     async def __call__(self, call: Call) -> None:
         """Set `call.purpose`; `InvalidArgument` if missing or malformed."""
-        call.purpose = parse_purpose(call.purpose_fields, self._config)
+        fields = call.purpose_fields
+        key = tuple(fields.get(k) for k in PURPOSE_KEYS) if len(fields) == len(PURPOSE_KEYS) else None
+        purpose = self._parsed.get(key) if key is not None else None
+        if purpose is None:
+            # Only what parsed cleanly is kept: a refusal is worked out, and its reason given, every time.
+            purpose = parse_purpose(fields, self._config)
+            if key is not None:
+                if len(self._parsed) >= self._CACHE_SIZE:
+                    self._parsed.clear()
+                self._parsed[key] = purpose
+        call.purpose = purpose
 
 
 class PolicyStage:

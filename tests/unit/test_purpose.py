@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import ConfigError, InvalidArgument
+from gateway.pipeline import Call, Listener, PurposeStage
 from gateway.principal import Purpose
 from gateway.purpose import (
     PURPOSE_CASE_KEY,
@@ -149,3 +152,30 @@ def test_from_section_refuses_bad_settings(tmp_path: Path, body: str, message: s
     with pytest.raises(ConfigError, match=message) as info:
         PurposeConfig.from_section(sec)  # type: ignore[arg-type]
     assert "gateway.toml" in str(info.value)
+
+
+# -- the purpose stage's cache of parsed purposes ---------------------------------------------------
+
+
+def _stage_call(fields: dict[str, str]) -> Any:
+    call = Call(
+        listener=Listener.LOCAL, method="/m", metadata=(), peer_certificate=None, started_at=0.0, started_mono=0.0
+    )
+    call.purpose_fields = fields
+    return call
+
+
+def test_the_purpose_stage_reuses_a_parsed_purpose_and_never_a_refusal() -> None:
+    stage = PurposeStage(PurposeConfig(codes=("investigation",)))
+    good = {"psn-purpose-code": "investigation", "psn-purpose-case": "OP-1", "psn-purpose-text": "a%20reason"}
+    first, second = _stage_call(good), _stage_call(dict(good))
+    asyncio.run(stage(first))
+    asyncio.run(stage(second))
+    assert first.purpose == second.purpose == Purpose("investigation", "OP-1", "a reason")
+    assert first.purpose is second.purpose  # parsed once
+    bad = {**good, "psn-purpose-code": "curiosity"}
+    for _ in range(2):  # refused each time, with its reason: refusals are never cached
+        with pytest.raises(InvalidArgument, match="not one of"):
+            asyncio.run(stage(_stage_call(bad)))
+    with pytest.raises(InvalidArgument, match="unknown purpose metadata key"):
+        asyncio.run(stage(_stage_call({**good, "psn-purpose-extra": "x"})))
