@@ -185,6 +185,12 @@ class AuditRecord:
     access_command: str = ""
 
     def __post_init__(self) -> None:
+        # The common case in one expression; anything it does not vouch for gets the full checks,
+        # which raise the precise error (or convert lists and integral latency).
+        if not _plainly_valid(self.__dict__):
+            self._validate()
+
+    def _validate(self) -> None:
         values = self.__dict__
         if not all(map(isinstance, _str_values(values), repeat(str))):
             for name in _STR_FIELDS:
@@ -345,6 +351,51 @@ _STR_FIELDS = tuple(
     sorted(_FIELD_NAMES - set(_TUPLE_FIELDS) - set(_INT_FIELDS) - {"index", "decision_allowed", "latency_ms"})
 )
 _str_values = itemgetter(*_STR_FIELDS)
+_PLAIN_EVENTS = frozenset(EVENTS) - {"audit-access"}
+_STATUS_OR_EMPTY = frozenset((*STATUS_NAMES, ""))
+_CALL_TYPE_OR_EMPTY = frozenset((*_CALL_TYPES, ""))
+_JUST_STR = frozenset((str,))
+
+
+def _plainly_valid(v: dict[str, Any]) -> bool:
+    """True only if `AuditRecord._validate` would accept these values as they are (a test proves it).
+
+    Conservative: exact types only (no subclasses, lists or integral latency), and no audit-access
+    record; anything else returns False and gets the full checks. A time that matches the pattern
+    but is not a date raises the same `RecordError` the full checks would.
+    """
+    units, roles, recipients = v["units"], v["roles"], v["recipients"]
+    requests, responses, index = v["request_messages"], v["response_messages"], v["index"]
+    allowed, latency = v["decision_allowed"], v["latency_ms"]
+    return (
+        set(map(type, _str_values(v))) <= _JUST_STR
+        and type(units) is tuple
+        and type(roles) is tuple
+        and type(recipients) is tuple
+        and set(map(type, units + roles + recipients)) <= _JUST_STR
+        and type(requests) is int
+        and 0 <= requests <= _MAX_COUNT
+        and type(responses) is int
+        and 0 <= responses <= _MAX_COUNT
+        and (index is None or (type(index) is int and 0 <= index <= _MAX_COUNT))
+        and (allowed is None or type(allowed) is bool)
+        and type(latency) is float
+        and 0.0 <= latency < math.inf  # also refuses NaN
+        and v["event"] in _PLAIN_EVENTS
+        and v["gateway"] != ""
+        and v["force"] != ""
+        and v["status"] in _STATUS_OR_EMPTY
+        and v["call_type"] in _CALL_TYPE_OR_EMPTY
+        and v["accessor"] == v["access_purpose"] == v["access_command"] == ""
+        and _is_hex(v["request_digest"])
+        and _is_hex(v["response_digest"])
+        and _is_base64(v["envelope_signature"])
+        and _is_base64(v["seal_signature"])
+        and _TIME.fullmatch(v["time"]) is not None
+        and parse_time(v["time"]) is not None
+    )
+
+
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(AuditRecord) if f.default is not MISSING}
 _REQUIRED = _FIELD_NAMES - _DEFAULTS.keys()
 
@@ -357,7 +408,9 @@ _REQUIRED = _FIELD_NAMES - _DEFAULTS.keys()
 # (which validation never lets through) goes to `_ENCODER` itself, so the bytes are identical in
 # every case; a hypothesis test compares the two on arbitrary records.
 
-_TEMPLATE = "{" + ",".join(f"{encode_basestring_ascii(k)}:%({k})s" for k in sorted(_FIELD_NAMES | {"v"})) + "}"
+_KEYS = tuple(sorted(_FIELD_NAMES | {"v"}))
+_TEMPLATE = "{" + ",".join(f"{encode_basestring_ascii(k)}:%s" for k in _KEYS) + "}"
+_in_key_order = itemgetter(*_KEYS)
 _LITERALS: dict[bool | None, str] = {None: "null", True: "true", False: "false"}
 _VERSION_JSON = repr(RECORD_VERSION)
 
@@ -396,7 +449,8 @@ def _encode(values: dict[str, Any]) -> str:
         out["v"] = _VERSION_JSON
     except (TypeError, KeyError):
         return _ENCODER.encode({**values, "v": RECORD_VERSION})
-    return _TEMPLATE % out
+    text: str = _TEMPLATE % _in_key_order(out)
+    return text
 
 
 _HEX_DIGITS = b"0123456789abcdef"

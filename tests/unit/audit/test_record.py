@@ -429,3 +429,36 @@ def test_from_fields_refuses_unknown_and_missing_fields_like_the_constructor() -
     assert AuditRecord.from_fields(
         {"event": "call", "time": format_time(0), "gateway": "g", "force": "f"}
     ) == AuditRecord(event="call", time=format_time(0), gateway="g", force="f")
+
+
+def _unvalidated(values: dict[str, Any]) -> AuditRecord:
+    record = object.__new__(AuditRecord)
+    record.__dict__.update(values)
+    return record
+
+
+@given(records(), st.sampled_from(sorted(AuditRecord.__dataclass_fields__)), _odd_values | _hexish | _b64ish)
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+def test_the_quick_check_vouches_only_for_what_the_full_checks_accept_unchanged(
+    record: AuditRecord, name: str, value: Any
+) -> None:
+    values = {**record.__dict__, name: value}
+    try:
+        vouched = record_module._plainly_valid(values)
+    except RecordError:  # a time of the right shape that is no date: the full checks say the same
+        with pytest.raises(RecordError, match="ISO 8601"):
+            _unvalidated(values)._validate()
+        return
+    if vouched:
+        checked = _unvalidated(values)
+        checked._validate()  # raises if the quick check let something through
+        assert checked.__dict__ == values and all(type(checked.__dict__[k]) is type(v) for k, v in values.items())
+
+
+def test_the_quick_check_covers_the_records_the_gateway_makes() -> None:
+    assert record_module._plainly_valid(make_record(4).__dict__)
+    assert record_module._plainly_valid(make_record(4).with_index(9).__dict__)
+    access = AuditRecord(
+        event="audit-access", time=format_time(0), gateway="g", force="f", accessor="a", access_purpose="integrity"
+    )
+    assert not record_module._plainly_valid(access.__dict__)  # access records always get the full checks
