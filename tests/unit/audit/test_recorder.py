@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,22 @@ def test_a_call_with_values_the_record_refuses_is_refused_not_recorded() -> None
     call.principal = dataclasses.replace(call.principal, officer_id=7)  # type: ignore[arg-type]  # a wrong type
     with pytest.raises(RecordError):
         _record(call)
+
+
+def test_the_call_path_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    from gateway.audit.bench import bench_call_path
+
+    out = bench_call_path(records=300, appenders=8, directory=tmp_path)
+    for name in ("record_for_us", "encode_us", "stage_us", "records_per_s", "mean_batch", "metrics_us"):
+        assert out[name] > 0, name
+    assert out["metrics_bound_us"] > 0
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself
+
+
+@pytest.mark.bench
+def test_bench_call_path(tmp_path: Path) -> None:
+    from gateway.audit.bench import bench_call_path
+
+    for appenders in (64, 8, 1):
+        out = bench_call_path(records=20_000 if appenders > 1 else 2_000, appenders=appenders, directory=tmp_path)
+        print(f"\naudit stage, {appenders} appenders: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
