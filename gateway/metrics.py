@@ -39,6 +39,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
+from operator import itemgetter
 from typing import ClassVar, Final
 
 from gateway import __version__
@@ -49,6 +50,9 @@ __all__ = [
     "MAX_LABEL_VALUE_LENGTH",
     "OVERFLOW_LABEL_VALUE",
     "POLICY_DECISION_BUCKETS",
+    "BoundCounter",
+    "BoundGauge",
+    "BoundHistogram",
     "Counter",
     "GatewayMetrics",
     "Gauge",
@@ -142,6 +146,17 @@ def _label_pairs(names: Sequence[str], values: Sequence[str]) -> str:
     return ",".join([f'{n}="{_escape_label_value(v)}"' for n, v in zip(names, values, strict=True)])
 
 
+def _key_getter(names: tuple[str, ...]) -> Callable[[dict[str, str]], _Key]:
+    """A function from a labels dict to the series key (the values in label-name order); KeyError if one is missing."""
+    if not names:
+        return lambda labels: ()
+    if len(names) == 1:
+        only = names[0]
+        return lambda labels: (labels[only],)
+    getter: Callable[[dict[str, str]], _Key] = itemgetter(*names)  # a tuple for two or more names
+    return getter
+
+
 def _is_acceptable_label_value(value: object) -> bool:
     if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE_LENGTH:
         return False
@@ -188,16 +203,17 @@ class _Metric:
         self._on_overflow = on_overflow
         self._overflow_key: _Key = (OVERFLOW_LABEL_VALUE,) * len(names)
         self._lock = threading.Lock()
+        self._label_count = len(names)
+        self._values_of = _key_getter(names)
 
     # The hot path: turn **labels into the series key, or raise ValueError.
     def _key(self, labels: dict[str, str]) -> _Key:
-        names = self.label_names
-        if len(labels) != len(names):
-            raise ValueError(f"{self.name}: expected labels {list(names)}, got {sorted(labels)}")
+        if len(labels) != self._label_count:
+            raise ValueError(f"{self.name}: expected labels {list(self.label_names)}, got {sorted(labels)}")
         try:
-            return tuple([labels[n] for n in names])
+            return self._values_of(labels)
         except KeyError:
-            raise ValueError(f"{self.name}: expected labels {list(names)}, got {sorted(labels)}") from None
+            raise ValueError(f"{self.name}: expected labels {list(self.label_names)}, got {sorted(labels)}") from None
 
     def _admit(self, key: _Key, series_count: int) -> tuple[_Key, bool]:
         """For a key not yet present (lock held): the key to use, and whether it overflowed."""
@@ -242,7 +258,9 @@ class _ScalarMetric(_Metric):
         self._values: dict[_Key, float] = {} if self.label_names else {(): 0.0}
 
     def _add(self, amount: float, labels: dict[str, str]) -> None:
-        key = self._key(labels)
+        self._add_key(amount, self._key(labels))
+
+    def _add_key(self, amount: float, key: _Key) -> None:
         with self._lock:
             values = self._values
             if key in values:
@@ -288,7 +306,14 @@ class Counter(_ScalarMetric):
         """Add `amount` (not negative) to the series named by `labels`."""
         if not amount >= 0:  # also refuses NaN
             raise ValueError(f"{self.name}: a counter cannot go down (amount {amount!r})")
-        self._add(amount, labels)
+        self._add_key(amount, self._key(labels))
+
+    def labels(self, **labels: str) -> BoundCounter:
+        """The series named by `labels`, bound once: its `inc` skips building the key.
+
+        For label values known in advance (a listener, a stage name). Label names are checked now.
+        """
+        return BoundCounter(self, self._key(labels))
 
 
 class Gauge(_ScalarMetric):
@@ -332,6 +357,10 @@ class Gauge(_ScalarMetric):
     def dec(self, amount: float = 1.0, /, **labels: str) -> None:
         """Subtract `amount` from the series named by `labels`."""
         self._add(-float(amount), labels)
+
+    def labels(self, **labels: str) -> BoundGauge:
+        """The series named by `labels`, bound once: its `inc` and `dec` skip building the key."""
+        return BoundGauge(self, self._key(labels))
 
     def set_function(self, fn: Callable[[], float], /, **labels: str) -> None:
         """Read the series named by `labels` from `fn()` at each scrape.
@@ -436,9 +465,19 @@ class Histogram(_Metric):
 
     def observe(self, value: float, /, **labels: str) -> None:
         """Count `value` into its bucket (``le`` is inclusive) and into the sum."""
-        if math.isnan(value):  # NaN would land in the first bucket and poison the sum
+        self._observe_key(value, self._key(labels))
+
+    def labels(self, **labels: str) -> BoundHistogram:
+        """The series named by `labels`, bound once: its `observe` skips building the key.
+
+        For label values known in advance (a stage name). Label names are checked now.
+        """
+        return BoundHistogram(self, self._key(labels))
+
+    def _observe_key(self, value: float, key: _Key) -> None:
+        # NaN (the one value unequal to itself; cheaper than math.isnan) would poison the sum.
+        if value != value:  # noqa: PLR0124 - the NaN test, on purpose
             raise ValueError(f"{self.name}: cannot observe NaN")
-        key = self._key(labels)
         index = bisect_left(self.buckets, value)
         with self._lock:
             state = self._series.get(key)
@@ -489,6 +528,54 @@ class Histogram(_Metric):
             plain = f"{{{pairs}}}" if pairs else ""
             yield f"{name}_sum{plain} {_format_value(state[-1])}"
             yield f"{name}_count{plain} {cumulative}"
+
+
+class BoundCounter:
+    """One series of a `Counter`, from `Counter.labels`: the same bounds and overflow, no key to build."""
+
+    __slots__ = ("_counter", "_key")
+
+    def __init__(self, counter: Counter, key: _Key) -> None:
+        self._counter = counter
+        self._key = key
+
+    def inc(self, amount: float = 1.0, /) -> None:
+        """Add `amount` (not negative) to this series."""
+        if not amount >= 0:  # also refuses NaN
+            raise ValueError(f"{self._counter.name}: a counter cannot go down (amount {amount!r})")
+        self._counter._add_key(amount, self._key)
+
+
+class BoundGauge:
+    """One series of a `Gauge`, from `Gauge.labels`, for `inc` and `dec` with no key to build."""
+
+    __slots__ = ("_gauge", "_key")
+
+    def __init__(self, gauge: Gauge, key: _Key) -> None:
+        self._gauge = gauge
+        self._key = key
+
+    def inc(self, amount: float = 1.0, /) -> None:
+        """Add `amount` to this series."""
+        self._gauge._add_key(float(amount), self._key)
+
+    def dec(self, amount: float = 1.0, /) -> None:
+        """Subtract `amount` from this series."""
+        self._gauge._add_key(-float(amount), self._key)
+
+
+class BoundHistogram:
+    """One series of a `Histogram`, from `Histogram.labels`: the same bounds and overflow, no key to build."""
+
+    __slots__ = ("_histogram", "_key")
+
+    def __init__(self, histogram: Histogram, key: _Key) -> None:
+        self._histogram = histogram
+        self._key = key
+
+    def observe(self, value: float, /) -> None:
+        """Count `value` into its bucket and into the sum of this series."""
+        self._histogram._observe_key(value, self._key)
 
 
 class _Timer:

@@ -7,7 +7,10 @@ machines are not comparable; ratios mostly are):
 - `bench_append`: records acknowledged durable per second with many concurrent appenders (group
   commit), against one appender waiting for each record (one fsync per record);
 - `bench_verify`: records per second through `tools.verify_log`, against bare SHA-256 leaf hashing
-  of the same bytes (the floor any verifier pays).
+  of the same bytes (the floor any verifier pays);
+- `bench_call_path`: process CPU microseconds per record of the gateway's whole audit stage (`record_for`
+  on a relayed call, then `AuditLog.append` with many appenders on one event loop, the writer thread
+  included) and of the per-call metrics the server observes, with its parts measured alone.
 
 `psngw bench` (gateway.bench) and ``make bench`` call these; they are not tests.
 """
@@ -19,6 +22,7 @@ import hashlib
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,11 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.audit.merkle import MerkleTree, leaf_hash
 from gateway.audit.note import Checkpoint, NoteSigner, sign_note
 from gateway.audit.record import AuditRecord, format_time
+from gateway.audit.recorder import record_for
 from gateway.audit.store import AuditConfig, AuditLog, LogReader
 from gateway.audit.tools import TrustAnchors, verify_log
 from gateway.clock import SystemClock
+from gateway.directory import Application, CallType, Method, Route
+from gateway.identity import PeerIdentity
+from gateway.metrics import GatewayMetrics, Registry
+from gateway.pipeline import Call, Listener
+from gateway.policy.values import Decision
+from gateway.principal import Principal, Purpose
 
-__all__ = ["bench_append", "bench_verify", "sample_record"]
+__all__ = ["bench_append", "bench_call_path", "bench_verify", "sample_call", "sample_record"]
 
 _ORIGIN = "bench.se.psn/audit"
 
@@ -190,3 +201,144 @@ def bench_verify(records: int = 200_000, *, every: int = 1000, directory: Path |
         "sha256_records_per_s": hash_rate,
         "verify_vs_sha256": verify_rate / hash_rate,
     }
+
+
+_GATEWAY = "spiffe://thames-valley.se.psn/gateway"
+_FORCE = "thames-valley"
+#: The stages whose durations a relayed call at the host gateway observes (peer listener).
+_PEER_STAGES = ("peer-identity", "envelope", "route", "deadline", "rate-limit", "policy", "forward", "audit")
+
+
+def sample_call(i: int, *, now_mono: float = 0.0) -> Call:
+    """A relayed call as the host gateway's pipeline leaves it: every field the audit record reads is set."""
+    digest = hashlib.sha256(i.to_bytes(8, "big")).digest()
+    method = Method("psn.demo.intel.v1.IntelligenceSearch", "Search", CallType.UNARY)
+    application = Application("intel-search", "Intelligence search", _FORCE, "SC", (method,))
+    call = Call(
+        Listener.PEER,
+        method.path,
+        (),
+        None,
+        1_800_000_000.0,
+        now_mono,
+        request_id=digest.hex()[:32],
+        peer=PeerIdentity(
+            "spiffe://hampshire.se.psn/gateway", "hampshire", "gateway", None, digest.hex(), i, 1_900_000_000.0
+        ),
+        route=Route(application, method),
+        principal=Principal(f"HC{i % 977:05d}", "hampshire", ("serocu",), ("investigator",), "SC"),
+        purpose=Purpose("INV", f"OP/{i % 113}", "intelligence check on a named associate"),
+        decision=Decision(
+            True, digest.hex()[32:], digest.hex(), "rules.csv:12: p, serocu, hampshire, intel-search", ""
+        ),
+        origin_force="hampshire",
+        origin_gateway="spiffe://hampshire.se.psn/gateway",
+        request_digest=digest,
+        response_digest=hashlib.sha256(digest).digest(),
+        request_messages=1,
+        response_messages=1,
+        envelope_signature=digest + digest,
+        seal_signature=digest[::-1] * 2,
+    )
+    call.status = "OK"
+    return call
+
+
+def _cpu_us(fn: Callable[[], object], n: int) -> float:
+    """Process CPU microseconds (every thread) per item of `fn()`, which handles `n` items."""
+    start = time.process_time()
+    fn()
+    return (time.process_time() - start) / n * 1e6
+
+
+def bench_call_path(records: int = 20_000, appenders: int = 64, *, directory: Path | None = None) -> dict[str, float]:
+    """Process CPU per record of the audit stage, and per call of the server's metrics.
+
+    Figures, in CPU microseconds (process time, so the writer thread is included):
+    ``record_for_us`` (building the record of a relayed call), ``encode_us`` (indexing, canonical
+    bytes and the Merkle leaf, as the writer does for each record), ``stage_us`` (the whole stage:
+    `record_for` and `AuditLog.append` from `appenders` concurrent tasks on one event loop, fsyncs
+    and group commits included), and ``metrics_us`` (one call's observations: its stages, the call
+    counter and the call latency). Also ``records_per_s`` (wall clock) and ``mean_batch``.
+    """
+    calls = [sample_call(i) for i in range(records)]
+    signer = NoteSigner(_ORIGIN, Ed25519PrivateKey.generate())
+    out: dict[str, float] = {"records": float(records), "appenders": float(appenders)}
+
+    def build() -> list[AuditRecord]:
+        return [
+            record_for(c, "call", gateway=_GATEWAY, force=_FORCE, now=1_800_000_000.0 + i / 1e4, now_mono=0.004)
+            for i, c in enumerate(calls)
+        ]
+
+    built = build()
+    out["record_for_us"] = _cpu_us(build, records)
+    out["encode_us"] = _cpu_us(lambda: [leaf_hash(r.with_index(i).encode()) for i, r in enumerate(built)], records)
+
+    async def stage(log: AuditLog) -> None:
+        queue = iter(enumerate(calls))
+        clock = SystemClock()
+
+        async def worker() -> None:
+            for _, call in queue:
+                record = record_for(
+                    call, "call", gateway=_GATEWAY, force=_FORCE, now=clock.now(), now_mono=clock.monotonic()
+                )
+                await log.append(record)
+
+        await asyncio.gather(*(worker() for _ in range(appenders)))
+
+    async def run(tmp: Path) -> None:
+        log = _new_log(tmp / "stage.db", signer)
+        log.open()
+        await log.append(record_for(calls[0], "call", gateway=_GATEWAY, force=_FORCE, now=0.0, now_mono=0.0))
+        wall = time.perf_counter()
+        cpu = time.process_time()
+        await stage(log)
+        out["stage_us"] = (time.process_time() - cpu) / records * 1e6
+        out["records_per_s"] = records / (time.perf_counter() - wall)
+        out["mean_batch"] = records / max(1, log.status()["commits"] - 1)
+        await log.close()
+
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        asyncio.run(run(Path(tmp)))
+
+    metrics = GatewayMetrics(Registry(), version="bench")
+
+    def observe() -> None:
+        stage_duration, calls_total, duration = metrics.stage_duration, metrics.calls, metrics.call_duration
+        for call in calls:
+            for name in _PEER_STAGES:
+                stage_duration.observe(0.0001, stage=name)
+            calls_total.inc(
+                listener=call.listener.value,
+                origin_force=call.origin_force or "unknown",
+                application=call.route.application.name if call.route else "unknown",
+                decision="allow",
+                status=call.status,
+            )
+            duration.observe(0.004, listener=call.listener.value, application="intel-search")
+
+    out["metrics_us"] = _cpu_us(observe, records)
+    if hasattr(metrics.stage_duration, "labels"):  # series bound once, as the server could hold them
+        stages = [metrics.stage_duration.labels(stage=name) for name in _PEER_STAGES]
+        in_flight = metrics.calls_in_flight.labels(listener="peer")
+
+        def observe_bound() -> None:
+            calls_total, duration = metrics.calls, metrics.call_duration
+            for call in calls:
+                in_flight.inc()
+                for series in stages:
+                    series.observe(0.0001)
+                calls_total.inc(
+                    listener=call.listener.value,
+                    origin_force=call.origin_force or "unknown",
+                    application=call.route.application.name if call.route else "unknown",
+                    decision="allow",
+                    status=call.status,
+                )
+                duration.observe(0.004, listener=call.listener.value, application="intel-search")
+                in_flight.dec()
+
+        out["metrics_bound_us"] = _cpu_us(observe_bound, records)
+    return out

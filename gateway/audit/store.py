@@ -941,10 +941,14 @@ class AuditLog:
                 raise AuditUnavailable(f"the audit log is {self._state}, not open")
             if not self._healthy:
                 raise AuditUnavailable(f"the audit log cannot be written: {self._stats.last_error}")
-            if len(self._queue) >= self.config.max_queue:
-                raise AuditUnavailable(f"the audit queue is full ({len(self._queue)} records waiting)")
+            queued = len(self._queue)
+            if queued >= self.config.max_queue:
+                raise AuditUnavailable(f"the audit queue is full ({queued} records waiting)")
             self._queue.append(item)
-            self._cond.notify()
+            # Only the writer waits on this condition, and only while the queue is empty: a record
+            # joining a non-empty queue finds it already woken (or busy, and bound to look again).
+            if not queued:
+                self._cond.notify()
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -1061,8 +1065,9 @@ class AuditLog:
             return
         started = time.perf_counter()
         self._inflight = batch
-        results: list[AppendResult | BaseException] = []
+        results: list[tuple[int, bytes] | BaseException] = []
         rows: list[tuple[int, bytes, bytes]] = []
+        hashes: list[bytes] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             caught = self._catch_up(conn)
@@ -1075,7 +1080,8 @@ class AuditLog:
                     continue
                 h = leaf_hash(data)
                 rows.append((index, h, data))
-                results.append(AppendResult(index, h, 0))
+                hashes.append(h)
+                results.append((index, h))
                 index += 1
             conn.executemany("INSERT INTO records (idx, leaf_hash, data) VALUES (?, ?, ?)", rows)
             if self._faults is not None:
@@ -1087,9 +1093,9 @@ class AuditLog:
             self._fail(_describe(exc), batch)
             return
         with self._tree_lock:
-            self._tree.extend(caught + [h for _, h, _ in rows])
+            self._tree.extend(caught + hashes if caught else hashes)
         size = self._tree.size
-        done = [AppendResult(r.index, r.leaf_hash, size) if isinstance(r, AppendResult) else r for r in results]
+        done = [r if isinstance(r, BaseException) else AppendResult(r[0], r[1], size) for r in results]
         s = self._stats
         s.commits += 1
         s.records += len(rows)

@@ -488,6 +488,10 @@ WRITES = {
     "gauge.remove": lambda r: (r.gauge("g", "g", ("a",)), lambda m: m.remove(a="x")),
     "histogram.observe": lambda r: (r.histogram("h", "h", ("a",)), lambda m: m.observe(1, a="x")),
     "histogram.remove": lambda r: (r.histogram("h", "h", ("a",)), lambda m: m.remove(a="x")),
+    "bound counter.inc": lambda r: (r.counter("c_total", "c", ("a",)), lambda m: m.labels(a="x").inc()),
+    "bound gauge.inc": lambda r: (r.gauge("g", "g", ("a",)), lambda m: m.labels(a="x").inc()),
+    "bound gauge.dec": lambda r: (r.gauge("g", "g", ("a",)), lambda m: m.labels(a="x").dec()),
+    "bound histogram.observe": lambda r: (r.histogram("h", "h", ("a",)), lambda m: m.labels(a="x").observe(1)),
 }
 
 
@@ -568,3 +572,59 @@ def test_bench_observations() -> None:
         f" scrape of 10k series: counter {out['expose_10k_counter_series_ms']:.1f} ms,"
         f" histogram {out['expose_10k_histogram_series_ms']:.1f} ms"
     )
+
+
+# -- bound series ----------------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.sampled_from(("a", "b", "garbage-" + "x" * 300)), st.floats(0, 100)), max_size=40))
+@settings(max_examples=100)
+def test_bound_series_count_exactly_what_keyword_labels_count(observations: list[tuple[str, float]]) -> None:
+    by_keywords, bound = Registry(max_series=1), Registry(max_series=1)
+    kw_metrics = (
+        by_keywords.counter("c_total", "c", ("x", "y")),
+        by_keywords.gauge("g", "g", ("x",)),
+        by_keywords.histogram("h", "h", ("x",), buckets=(1, 10)),
+    )
+    b_metrics = (
+        bound.counter("c_total", "c", ("x", "y")),
+        bound.gauge("g", "g", ("x",)),
+        bound.histogram("h", "h", ("x",), buckets=(1, 10)),
+    )
+    for label, value in observations:
+        kw_metrics[0].inc(value, x=label, y="k")
+        kw_metrics[1].inc(value, x=label)
+        kw_metrics[1].dec(1, x=label)
+        kw_metrics[2].observe(value, x=label)
+        b_metrics[0].labels(x=label, y="k").inc(value)
+        b_metrics[1].labels(x=label).inc(value)
+        b_metrics[1].labels(x=label).dec(1)
+        b_metrics[2].labels(x=label).observe(value)
+    assert bound.expose() == by_keywords.expose()  # the same series, overflow folding and overflow counts
+
+
+def test_bound_series_check_names_when_bound_and_values_when_used() -> None:
+    r = Registry()
+    counter = r.counter("c_total", "c", ("force", "status"))
+    hist = r.histogram("h", "h", ("stage",))
+    gauge = r.gauge("g", "g", ("listener",))
+    for bind in (
+        lambda: counter.labels(force="surrey"),
+        lambda: counter.labels(force="surrey", code="OK"),
+        hist.labels,
+        lambda: gauge.labels(listener="peer", extra="x"),
+    ):
+        with pytest.raises(ValueError, match="expected labels"):
+            bind()
+    with pytest.raises(ValueError, match="go down"):
+        counter.labels(force="surrey", status="OK").inc(-1)
+    with pytest.raises(ValueError, match="NaN"):
+        hist.labels(stage="audit").observe(math.nan)
+    with pytest.raises(ValueError, match="strings"):
+        hist.labels(stage=3).observe(1)  # type: ignore[arg-type]  # the point of the test
+    audit = hist.labels(stage="audit")
+    audit.observe(0.5)
+    hist.remove(stage="audit")
+    audit.observe(0.25)  # a series removed after binding starts again, as with keyword labels
+    assert hist.count(stage="audit") == 1
+    assert series(r, "h_sum") == {(("stage", "audit"),): 0.25}

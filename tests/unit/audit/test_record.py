@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.audit import record as record_module
 from gateway.audit.record import (
     ACCESS_PURPOSES,
     EVENTS,
@@ -315,3 +316,149 @@ def test_all_text_survives_including_controls_and_astral() -> None:
     data = r.encode()
     assert data.isascii() and b"\x1b" not in data and b"\x00" not in data
     assert AuditRecord.decode(data).purpose_text == text
+
+
+# -- the fast paths produce exactly what the reference code does ----------------------------------
+#
+# The canonical bytes are defined by the json module's sorted-key encoder; `encode` fills a fixed
+# template instead, `format_time` avoids strftime and the format checks avoid regexes. Each is
+# compared here with the reference it replaced, on arbitrary input.
+
+_REFERENCE_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _reference_encode(values: dict[str, Any]) -> bytes:
+    return _REFERENCE_ENCODER.encode({**values, "v": 1}).encode("ascii")
+
+
+@given(records(), st.none() | _counts)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_is_byte_identical_to_the_json_module(record: AuditRecord, index: int | None) -> None:
+    placed = record if index is None else record.with_index(index)
+    assert placed.encode() == _reference_encode(placed.__dict__)
+
+
+_odd_values = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5), st.lists(st.text(max_size=3), max_size=2)
+)
+
+
+@given(records(), st.sampled_from(sorted(AuditRecord.__dataclass_fields__)), _odd_values)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_the_template_encoder_matches_the_json_module_even_for_values_validation_refuses(
+    record: AuditRecord, name: str, value: Any
+) -> None:
+    values = {**record.__dict__, name: value}
+    try:
+        expected: bytes | type[BaseException] = _reference_encode(values)
+    except (TypeError, ValueError) as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[BaseException] = record_module._encode(values).encode("ascii")
+    except (TypeError, ValueError) as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_extra_or_missing_keys_go_to_the_json_module() -> None:
+    values = dict(make_record(3).__dict__)
+    assert record_module._encode({**values, "zz": 1}).encode() == _reference_encode({**values, "zz": 1})
+    del values["clearance"]
+    assert record_module._encode(values).encode() == _reference_encode(values)
+
+
+@given(st.floats(min_value=-62_135_596_800, max_value=253_402_300_799, allow_nan=False))
+@settings(max_examples=1000)
+def test_format_time_is_strftime(epoch: float) -> None:
+    from datetime import UTC, datetime
+
+    assert format_time(epoch) == datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_format_time_is_strftime_at_edges() -> None:
+    from datetime import UTC, datetime
+
+    for epoch in (0.0, -1e-7, 0.9999995, 1.0000005, 1_800_000_000.999_999_5, -62_135_596_800.0, -30_000_000_000.0):
+        assert format_time(epoch) == datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_hexish = st.text(alphabet="0123456789abcdefABCDEFg =\n\u0660", max_size=12)
+_b64ish = st.text(alphabet="ABYZaz09+/=-_ \n\u0660", max_size=14)
+
+
+@given(_hexish | st.text(max_size=8))
+@settings(max_examples=1000)
+def test_hex_check_is_the_regex(text: str) -> None:
+    assert record_module._is_hex(text) == bool(record_module._HEX.fullmatch(text))
+
+
+@given(_b64ish | st.text(max_size=8) | st.binary(max_size=9).map(lambda b: __import__("base64").b64encode(b).decode()))
+@settings(max_examples=1000)
+def test_base64_check_is_the_regex(text: str) -> None:
+    assert record_module._is_base64(text) == bool(record_module._BASE64.fullmatch(text))
+
+
+@given(records(), st.sampled_from(sorted(AuditRecord.__dataclass_fields__)), _odd_values)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_from_fields_is_the_constructor(record: AuditRecord, name: str, value: Any) -> None:
+    values = {**record.__dict__, name: value}
+    try:
+        expected: AuditRecord | type[BaseException] = AuditRecord(**values)
+    except RecordError as exc:
+        expected = type(exc)
+    try:
+        got: AuditRecord | type[BaseException] = AuditRecord.from_fields(values)
+    except RecordError as exc:
+        got = type(exc)
+    assert got == expected
+    if isinstance(got, AuditRecord) and isinstance(expected, AuditRecord):
+        assert got.__dict__ == expected.__dict__
+
+
+def test_from_fields_refuses_unknown_and_missing_fields_like_the_constructor() -> None:
+    values = dict(make_record(1).__dict__)
+    with pytest.raises(TypeError, match="unexpected"):
+        AuditRecord.from_fields({**values, "colour": "red"})
+    with pytest.raises(TypeError):
+        AuditRecord(**{**values, "colour": "red"})
+    del values["force"]
+    with pytest.raises(TypeError, match="missing"):
+        AuditRecord.from_fields(values)
+    with pytest.raises(TypeError):
+        AuditRecord(**values)
+    assert AuditRecord.from_fields(
+        {"event": "call", "time": format_time(0), "gateway": "g", "force": "f"}
+    ) == AuditRecord(event="call", time=format_time(0), gateway="g", force="f")
+
+
+def _unvalidated(values: dict[str, Any]) -> AuditRecord:
+    record = object.__new__(AuditRecord)
+    record.__dict__.update(values)
+    return record
+
+
+@given(records(), st.sampled_from(sorted(AuditRecord.__dataclass_fields__)), _odd_values | _hexish | _b64ish)
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+def test_the_quick_check_vouches_only_for_what_the_full_checks_accept_unchanged(
+    record: AuditRecord, name: str, value: Any
+) -> None:
+    values = {**record.__dict__, name: value}
+    try:
+        vouched = record_module._plainly_valid(values)
+    except RecordError:  # a time of the right shape that is no date: the full checks say the same
+        with pytest.raises(RecordError, match="ISO 8601"):
+            _unvalidated(values)._validate()
+        return
+    if vouched:
+        checked = _unvalidated(values)
+        checked._validate()  # raises if the quick check let something through
+        assert checked.__dict__ == values and all(type(checked.__dict__[k]) is type(v) for k, v in values.items())
+
+
+def test_the_quick_check_covers_the_records_the_gateway_makes() -> None:
+    assert record_module._plainly_valid(make_record(4).__dict__)
+    assert record_module._plainly_valid(make_record(4).with_index(9).__dict__)
+    access = AuditRecord(
+        event="audit-access", time=format_time(0), gateway="g", force="f", accessor="a", access_purpose="integrity"
+    )
+    assert not record_module._plainly_valid(access.__dict__)  # access records always get the full checks
