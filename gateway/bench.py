@@ -2149,6 +2149,7 @@ def _components() -> dict[str, Any]:
         out["audit"] = {"error": f"not available: {exc}"}
     else:
         out["audit_append"] = audit_bench.bench_append()
+        out["audit_call_path"] = audit_bench.bench_call_path()
         out["audit_verify"] = audit_bench.bench_verify()
     try:
         from gateway.policy import bench as policy_bench  # noqa: PLC0415

@@ -163,6 +163,9 @@ class Gateway:
         )
         self.registry = Registry()
         self.metrics = GatewayMetrics(self.registry)
+        # Series bound once for labels known in advance (each call observes every stage it passes).
+        self._stage_series = {s: self.metrics.stage_duration.labels(stage=s) for s in GatewayMetrics.STAGES}
+        self._flight_series = {li: self.metrics.calls_in_flight.labels(listener=li.value) for li in Listener}
         self.transparency = build_transparency(config, self._trust, self.clock, checkpointer=worker == 0)
         self.audit_log = self.transparency.log
         self.recorder: Recorder = recorder or AuditRecorder(
@@ -636,7 +639,11 @@ class Gateway:
         return 1.0 if self._trust.crl_status(force, self.clock.now()).usable else 0.0
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
-        self.metrics.stage_duration.observe(seconds, stage=stage)
+        series = self._stage_series.get(stage)
+        if series is None:
+            self.metrics.stage_duration.observe(seconds, stage=stage)
+        else:
+            series.observe(seconds)
 
     def _observe_call(self, call: Call) -> None:
         application = call.route.application.name if call.route else "unknown"
@@ -773,12 +780,12 @@ class Gateway:
 
     @contextlib.contextmanager
     def _in_flight(self, listener: Listener) -> Iterator[None]:
-        gauge = self.metrics.calls_in_flight
-        gauge.inc(listener=listener.value)
+        series = self._flight_series[listener]
+        series.inc()
         try:
             yield
         finally:
-            gauge.dec(listener=listener.value)
+            series.dec()
 
     # -- forwarding ---------------------------------------------------------------------
 
