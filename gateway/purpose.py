@@ -70,6 +70,8 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 #: zero-width), surrogates, private use, unassigned, line/paragraph separators.
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _SAFE_BYTES = frozenset(range(0x20, 0x7F)) - {ord("%")}
+#: text made only of `_SAFE_BYTES` (it encodes to itself)
+_UNRESERVED = re.compile(r"[\x20-\x24\x26-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class PurposeConfig:
 
 def encode_text(text: str) -> str:
     """Percent-encode free text for a gRPC ASCII metadata value (UTF-8, ``%XX``)."""
+    if _UNRESERVED.fullmatch(text):  # the common case: nothing to encode
+        return text
     return "".join(chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in text.encode("utf-8"))
 
 

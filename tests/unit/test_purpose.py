@@ -179,3 +179,9 @@ def test_the_purpose_stage_reuses_a_parsed_purpose_and_never_a_refusal() -> None
             asyncio.run(stage(_stage_call(bad)))
     with pytest.raises(InvalidArgument, match="unknown purpose metadata key"):
         asyncio.run(stage(_stage_call({**good, "psn-purpose-extra": "x"})))
+
+
+@given(st.text(max_size=200))
+def test_encode_text_takes_its_shortcut_only_where_the_full_encoding_is_the_same(text: str) -> None:
+    full = "".join(chr(b) if 0x20 <= b < 0x7F and b != ord("%") else f"%{b:02X}" for b in text.encode("utf-8"))
+    assert encode_text(text) == full
