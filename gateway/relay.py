@@ -268,7 +268,7 @@ class RelayUpstream:
                 await self._send_envelope(self._sent.digest, self._sent.count)
             else:
                 seq = self._sent.update(data)
-            await self._rpc.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+            await self._rpc.write(_message_frame(seq, data))
         except grpc.aio.AioRpcError:
             return  # the failure surfaces at read()
 
@@ -381,6 +381,21 @@ def parse_relay_request(data: bytes, *, unary: bool) -> Any:
         return kind.FromString(data)
     except DecodeError as exc:
         raise InvalidArgument(f"relay {'request' if unary else 'frame'} does not parse: {exc}") from exc
+
+
+def _message_frame(seq: int, data: bytes) -> relay_pb2.RelayFrame:
+    """The `RelayFrame` carrying message `seq`, built in place.
+
+    `RelayFrame(message=StreamMessage(seq=seq, data=data))` copies the nested
+    message into the frame (about 45 us for 64 KiB, on every message of a
+    stream); setting the fields of the frame's own submessage does not copy the
+    payload (under 2 us). The frame and its bytes on the wire are the same.
+    """
+    frame = relay_pb2.RelayFrame()
+    message = frame.message
+    message.seq = seq
+    message.data = data
+    return frame
 
 
 class EnvelopeStage:
@@ -506,7 +521,7 @@ class RelayHostDownstream:
         """Send one response message, numbered."""
         seq = self._sent.update(data)
         self._call.response_messages = self._sent.count
-        await self._context.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+        await self._context.write(_message_frame(seq, data))
 
 
 def response_seal_for(
