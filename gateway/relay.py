@@ -350,7 +350,9 @@ class RelayUpstream:
             )
         except RequestRefused as exc:
             raise _unverified(self._host, exc) from exc
-        if self._headers and to_relay_entries(self._headers) != seal.value.initial_metadata:
+        # Compared even when no Headers frame came (the host sends none for empty headers): a seal over
+        # headers the caller never got does not verify.
+        if to_relay_entries(self._headers) != seal.value.initial_metadata:
             raise _unverified(self._host, InvalidArgument("headers differ from the sealed headers"))
         self._call.response_digest = self._received.digest
         self._call.seal_signature = signed.signature
@@ -508,9 +510,11 @@ class RelayHostDownstream:
         raise InvalidArgument(f"unexpected relay frame {kind!r} in the request stream")
 
     async def send_initial_metadata(self, md: Metadata) -> None:
-        """Send the backend's headers as a Headers frame."""
+        """Send the backend's headers as a Headers frame (none when they are empty: the seal still binds them)."""
         self._headers_sent = md
         wire = to_relay_entries(md)
+        if not wire:
+            return  # the origin takes no Headers frame as empty headers, and checks that against the seal
         await self._context.write(
             relay_pb2.RelayFrame(
                 headers=relay_pb2.Headers(metadata=[relay_pb2.MetadataEntry(key=k, value=v) for k, v in wire])

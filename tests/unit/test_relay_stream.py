@@ -82,6 +82,13 @@ def test_the_host_numbers_and_digests_every_response_message() -> None:
     assert downstream.sent_digest.count == call.response_messages == 5
 
 
+def test_the_host_sends_no_headers_frame_for_empty_headers() -> None:
+    downstream, context, _ = _host_downstream()
+    asyncio.run(downstream.send_initial_metadata(()))
+    assert context.written == []
+    assert downstream.headers == ()
+
+
 def test_the_host_sends_non_empty_headers_as_a_frame_and_keeps_them_for_the_seal() -> None:
     downstream, context, _ = _host_downstream()
     asyncio.run(downstream.send_initial_metadata((("x-app", "1"),)))
@@ -223,6 +230,14 @@ def test_a_stream_without_headers_frames_verifies_against_a_seal_over_empty_head
     assert _drain(upstream) == messages
     assert call.response_digest == MessageDigest.of(*messages).digest
     assert asyncio.run(upstream.finish()).code is grpc.StatusCode.OK
+
+
+def test_a_seal_over_headers_the_origin_never_received_is_refused(world: _World) -> None:
+    # The host sent no Headers frame (so the caller got empty headers) but sealed some: not the response sealed.
+    upstream, rpc, call = _upstream(world)
+    rpc.replies = [lambda: _message_frame(0, b"m"), lambda: _seal(world, rpc, call, [b"m"], (("x-app", b"1"),))]
+    with pytest.raises(Unavailable, match="headers differ from the sealed headers"):
+        _drain(upstream)
 
 
 def test_headers_that_arrived_must_be_the_sealed_ones(world: _World) -> None:
