@@ -324,12 +324,13 @@ class RelayUpstream:
                     raise _unverified(self._host, exc) from exc
                 continue
             if kind == "message":
-                if frame.message.seq != self._received.count:
+                message = frame.message
+                if message.seq != self._received.count:
                     raise _unverified(self._host, InvalidArgument("response messages out of sequence"))
                 # Counted in the record by the downstream that delivers it (what the caller got), not here:
                 # counting both over-counted every relayed stream's responses by one at the origin.
-                self._received.update(frame.message.data)
-                data: bytes = frame.message.data
+                data: bytes = message.data  # each read of the field is a fresh copy of the payload: read it once
+                self._received.update(data)
                 return data
             if kind == "response_seal":
                 self._finish(frame.response_seal)
@@ -489,16 +490,17 @@ class RelayHostDownstream:
             raise Unauthenticated("request stream ended without a request seal")
         kind = frame.WhichOneof("kind")
         if kind == "message":
-            if frame.message.seq != self._received.count:
-                raise InvalidArgument(f"request message {frame.message.seq} out of sequence")
-            self._received.update(frame.message.data)
+            message = frame.message
+            if message.seq != self._received.count:
+                raise InvalidArgument(f"request message {message.seq} out of sequence")
+            data: bytes = message.data  # each read of the field is a fresh copy of the payload: read it once
+            self._received.update(data)
             self._call.request_messages = self._received.count
             if call_type is CallType.SERVER_STREAM:
                 if self._received.count > 1:
                     raise InvalidArgument("server-streaming call with more than one request message")
                 self._verifier.verify_messages(env, self._received.digest, self._received.count)
                 self._call.request_digest = self._received.digest
-            data: bytes = frame.message.data
             return data
         if kind == "request_seal" and call_type.client_streams:
             self._verifier.verify_request_seal(

@@ -21,8 +21,8 @@ from gateway.clock import FakeClock
 from gateway.demo.network import write_network
 from gateway.directory import NetworkDirectory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, ResponseSeal, Signer, seal_response
-from gateway.errors import Unavailable
-from gateway.identity import load_trust_store
+from gateway.errors import InvalidArgument, RequestRefused, Unavailable
+from gateway.identity import PeerIdentity, Usage, load_trust_store
 from gateway.metadata import to_relay_entries
 from gateway.pipeline import Call, Listener
 from gateway.principal import Principal, Purpose
@@ -31,6 +31,7 @@ from gateway.replay import InMemoryReplayStore
 
 HA, SURREY = "hampshire", "surrey"
 FETCH = "/psn.demo.casefiles.v1.CaseFiles/FetchDocument"  # a server stream hosted by Surrey
+REVIEW = "/psn.demo.casefiles.v1.CaseFiles/Review"  # a bidi stream hosted by Surrey
 
 
 # -- message frames ------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ class _World:
     origin_signer: Signer  # Hampshire's gateway
     host_signer: Signer  # Surrey's gateway
     host_gateway: str
-    verifier: Callable[[], EnvelopeVerifier]
+    verifier: Callable[..., EnvelopeVerifier]
+    origin_peer: PeerIdentity  # Hampshire's gateway as the TLS peer of Surrey's peer listener
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +122,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> _World:
         material = layout.material[force].gateway_signing
         return Signer.from_files(material.cert_path, material.key_path)
 
-    def verifier() -> EnvelopeVerifier:
+    def verifier(own_force: str = HA) -> EnvelopeVerifier:
         return EnvelopeVerifier(
             trust=lambda: trust,
-            own_force=HA,
+            own_force=own_force,
             window=120.0,
             replay=InMemoryReplayStore(),
             clock=FakeClock(time.time()),
             max_deadline=300.0,
         )
 
-    return _World(directory, signer(HA), signer(SURREY), directory.forces[SURREY].gateway_spiffe_id, verifier)
+    peer = trust.verify(layout.material[HA].gateway_tls.cert_path.read_bytes(), Usage.CLIENT, time.time())
+    host_gateway = directory.forces[SURREY].gateway_spiffe_id
+    return _World(directory, signer(HA), signer(SURREY), host_gateway, verifier, peer)
 
 
 class _Rpc:
@@ -171,7 +175,7 @@ class _Peers:
         return self._channel
 
 
-def _upstream(world: _World) -> tuple[RelayUpstream, _Rpc, Call]:
+def _upstream(world: _World, method: str = FETCH) -> tuple[RelayUpstream, _Rpc, Call]:
     rpc = _Rpc()
     client = RelayClient(
         force=HA,
@@ -181,8 +185,8 @@ def _upstream(world: _World) -> tuple[RelayUpstream, _Rpc, Call]:
         peers=_Peers(rpc),  # type: ignore[arg-type]  # a fake pool
         clock=FakeClock(time.time()),
     )
-    call = Call(Listener.LOCAL, FETCH, (), None, time.time(), 0.0)
-    call.route = world.directory.route(FETCH)
+    call = Call(Listener.LOCAL, method, (), None, time.time(), 0.0)
+    call.route = world.directory.route(method)
     call.principal = Principal("DC-1", HA, ("serocu",), ("investigator",), "SC")
     call.purpose = Purpose("investigation", "OP-1", "relay test")
     return RelayUpstream(client, call), rpc, call
@@ -274,3 +278,70 @@ def test_the_origin_sends_envelope_then_numbered_message(world: _World) -> None:
     asyncio.run(send())
     assert [f.WhichOneof("kind") for f in rpc.written] == ["envelope", "message"]
     assert (rpc.written[1].message.seq, rpc.written[1].message.data) == (0, b"doc-1")
+
+
+class _ReadContext:
+    """A servicer context whose reads are the frames given (as bytes), then EOF."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self._frames = list(frames)
+
+    async def read(self) -> Any:
+        return self._frames.pop(0) if self._frames else grpc.aio.EOF
+
+
+def _origin_frames(world: _World, messages: list[bytes]) -> list[relay_pb2.RelayFrame]:
+    """What the origin sends for a bidi stream of `messages`: envelope, numbered messages, request seal."""
+    upstream, rpc, _ = _upstream(world, REVIEW)
+
+    async def send() -> None:
+        await upstream.open()
+        for data in messages:
+            await upstream.write(data)
+        await upstream.done_writing()
+
+    asyncio.run(send())
+    return rpc.written
+
+
+def _host_reads(world: _World, frames: list[relay_pb2.RelayFrame]) -> tuple[list[bytes], Call]:
+    """The host verifies the envelope (first frame), then reads the rest as the pump would."""
+    verifier = world.verifier(SURREY)
+    call = Call(Listener.PEER, "/psn.gateway.v1.Relay/Stream", (), None, time.time(), 0.0)
+    call.envelope = verifier.verify_envelope(frames[0].envelope, peer=world.origin_peer)
+    downstream = RelayHostDownstream(
+        _ReadContext([f.SerializeToString() for f in frames[1:]]),  # type: ignore[arg-type]  # a fake context
+        call,
+        verifier,
+    )
+
+    async def drain() -> list[bytes]:
+        out = []
+        while (data := await downstream.read()) is not None:
+            out.append(data)
+        return out
+
+    return asyncio.run(drain()), call
+
+
+def test_the_host_reads_what_the_origin_sent_and_verifies_the_request_seal(world: _World) -> None:
+    messages = [b"x" * 70_000, b"", b"y"]
+    frames = _origin_frames(world, messages)
+    assert [f.WhichOneof("kind") for f in frames] == ["envelope", "message", "message", "message", "request_seal"]
+    got, call = _host_reads(world, frames)
+    assert got == messages
+    assert (call.request_digest, call.request_messages) == (MessageDigest.of(*messages).digest, 3)
+
+
+def test_the_host_refuses_request_messages_out_of_sequence(world: _World) -> None:
+    frames = _origin_frames(world, [b"a", b"b"])
+    frames[1], frames[2] = frames[2], frames[1]
+    with pytest.raises(InvalidArgument, match="out of sequence"):
+        _host_reads(world, frames)
+
+
+def test_the_host_refuses_a_request_message_changed_on_the_way(world: _World) -> None:
+    frames = _origin_frames(world, [b"a", b"b"])
+    frames[2].message.data = b"c"
+    with pytest.raises(RequestRefused):
+        _host_reads(world, frames)
