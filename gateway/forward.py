@@ -229,13 +229,18 @@ async def pump_stream(downstream: Downstream, upstream: Upstream) -> Reply:
     try:
         headers_sent = False
         while True:
-            read = asyncio.ensure_future(upstream.read())
-            if not sender.done():
-                await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if sender.done() and sender.exception() is not None:
-                read.cancel()
+            if sender.done():
+                # The request side is over (a server stream's one message, or a client stream's end):
+                # read straight on, without a task and a wait per message.
                 sender.result()  # raises the request side's error
-            data = await read
+                data = await upstream.read()
+            else:
+                read = asyncio.ensure_future(upstream.read())
+                await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
+                if sender.done() and sender.exception() is not None:
+                    read.cancel()
+                    sender.result()  # raises the request side's error
+                data = await read
             if data is None:
                 break
             if not headers_sent:

@@ -327,7 +327,7 @@ class RelayUpstream:
                 await self._send_envelope(self._sent.digest, self._sent.count)
             else:
                 seq = self._sent.update(data)
-            await self._rpc.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+            await self._rpc.write(_message_frame(seq, data))
         except grpc.aio.AioRpcError:
             return  # the failure surfaces at read()
 
@@ -383,12 +383,13 @@ class RelayUpstream:
                     raise _unverified(self._host, exc) from exc
                 continue
             if kind == "message":
-                if frame.message.seq != self._received.count:
+                message = frame.message
+                if message.seq != self._received.count:
                     raise _unverified(self._host, InvalidArgument("response messages out of sequence"))
                 # Counted in the record by the downstream that delivers it (what the caller got), not here:
                 # counting both over-counted every relayed stream's responses by one at the origin.
-                self._received.update(frame.message.data)
-                data: bytes = frame.message.data
+                data: bytes = message.data  # each read of the field is a fresh copy of the payload: read it once
+                self._received.update(data)
                 return data
             if kind == "response_seal":
                 self._finish(frame.response_seal)
@@ -409,7 +410,9 @@ class RelayUpstream:
             )
         except RequestRefused as exc:
             raise _unverified(self._host, exc) from exc
-        if self._headers and to_relay_entries(self._headers) != seal.value.initial_metadata:
+        # Compared even when no Headers frame came (the host sends none for empty headers): a seal over
+        # headers the caller never got does not verify.
+        if to_relay_entries(self._headers) != seal.value.initial_metadata:
             raise _unverified(self._host, InvalidArgument("headers differ from the sealed headers"))
         self._call.response_digest = self._received.digest
         self._call.seal_signature = signed.signature
@@ -440,6 +443,21 @@ def parse_relay_request(data: bytes, *, unary: bool) -> Any:
         return kind.FromString(data)
     except DecodeError as exc:
         raise InvalidArgument(f"relay {'request' if unary else 'frame'} does not parse: {exc}") from exc
+
+
+def _message_frame(seq: int, data: bytes) -> relay_pb2.RelayFrame:
+    """The `RelayFrame` carrying message `seq`, built in place.
+
+    `RelayFrame(message=StreamMessage(seq=seq, data=data))` copies the nested
+    message into the frame (about 45 us for 64 KiB, on every message of a
+    stream); setting the fields of the frame's own submessage does not copy the
+    payload (under 2 us). The frame and its bytes on the wire are the same.
+    """
+    frame = relay_pb2.RelayFrame()
+    message = frame.message
+    message.seq = seq
+    message.data = data
+    return frame
 
 
 class EnvelopeStage:
@@ -536,16 +554,17 @@ class RelayHostDownstream:
             raise Unauthenticated("request stream ended without a request seal")
         kind = frame.WhichOneof("kind")
         if kind == "message":
-            if frame.message.seq != self._received.count:
-                raise InvalidArgument(f"request message {frame.message.seq} out of sequence")
-            self._received.update(frame.message.data)
+            message = frame.message
+            if message.seq != self._received.count:
+                raise InvalidArgument(f"request message {message.seq} out of sequence")
+            data: bytes = message.data  # each read of the field is a fresh copy of the payload: read it once
+            self._received.update(data)
             self._call.request_messages = self._received.count
             if call_type is CallType.SERVER_STREAM:
                 if self._received.count > 1:
                     raise InvalidArgument("server-streaming call with more than one request message")
                 self._verifier.verify_messages(env, self._received.digest, self._received.count)
                 self._call.request_digest = self._received.digest
-            data: bytes = frame.message.data
             return data
         if kind == "request_seal" and call_type.client_streams:
             self._verifier.verify_request_seal(
@@ -557,9 +576,11 @@ class RelayHostDownstream:
         raise InvalidArgument(f"unexpected relay frame {kind!r} in the request stream")
 
     async def send_initial_metadata(self, md: Metadata) -> None:
-        """Send the backend's headers as a Headers frame."""
+        """Send the backend's headers as a Headers frame (none when they are empty: the seal still binds them)."""
         self._headers_sent = md
         wire = to_relay_entries(md)
+        if not wire:
+            return  # the origin takes no Headers frame as empty headers, and checks that against the seal
         await self._context.write(
             relay_pb2.RelayFrame(
                 headers=relay_pb2.Headers(metadata=[relay_pb2.MetadataEntry(key=k, value=v) for k, v in wire])
@@ -570,7 +591,7 @@ class RelayHostDownstream:
         """Send one response message, numbered."""
         seq = self._sent.update(data)
         self._call.response_messages = self._sent.count
-        await self._context.write(relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=seq, data=data)))
+        await self._context.write(_message_frame(seq, data))
 
 
 def response_seal_for(

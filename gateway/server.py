@@ -130,8 +130,9 @@ class ContextDownstream:
         return message
 
     async def send_initial_metadata(self, md: Metadata) -> None:
-        """Send the response headers."""
-        await self._context.send_initial_metadata(md)
+        """Send the response headers (empty ones go out with the first message or the status instead)."""
+        if md:
+            await self._context.send_initial_metadata(md)
 
     async def write(self, data: bytes) -> None:
         """Send one response message."""
