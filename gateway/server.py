@@ -936,18 +936,13 @@ class Gateway:
             with self._in_flight(Listener.PEER):
                 outcome = await self._relayed_unary(call)
             if isinstance(outcome, _Refused):
-                return relay_pb2.MuxResponse(
-                    id=request.id, refusal=relay_pb2.MuxRefusal(code=outcome.code.value[0], message=outcome.public)
-                )
+                return outcome.answer(request.id)
             return relay_pb2.MuxResponse(id=request.id, response=outcome)
 
         async def refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
             call = self._mux_call(peer_certificate)
             call.peer = opening.peer
-            refused = await self._record_refusal(call, exc)
-            return relay_pb2.MuxResponse(
-                id=request.id, refusal=relay_pb2.MuxRefusal(code=refused.code.value[0], message=refused.public)
-            )
+            return (await self._record_refusal(call, exc)).answer(request.id)
 
         host = MuxHost(
             context,
@@ -1110,6 +1105,12 @@ class _Refused:
 
     code: grpc.StatusCode
     public: str
+
+    def answer(self, call_id: int) -> relay_pb2.MuxResponse:
+        """The answer to call `call_id` on a relay channel that carries this refusal."""
+        return relay_pb2.MuxResponse(
+            id=call_id, refusal=relay_pb2.MuxRefusal(code=self.code.value[0], message=self.public)
+        )
 
 
 class _LocalHandler(grpc.GenericRpcHandler):
