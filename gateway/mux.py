@@ -76,16 +76,10 @@ class _ClientStream:
         self._cancels: list[int] = []
         self._wake = asyncio.Event()
         self.closed: BaseException | None = None
-        self._reached = False
         self._tasks = (
             asyncio.get_running_loop().create_task(self._write_loop()),
             asyncio.get_running_loop().create_task(self._read_loop()),
         )
-
-    @property
-    def in_flight(self) -> int:
-        """Calls sent or queued and not answered yet."""
-        return len(self._pending)
 
     async def call(self, request: relay_pb2.UnaryRelayRequest, timeout: float | None) -> relay_pb2.MuxResponse:
         """Send one request; its answer, `Unavailable` if the stream breaks, `DeadlineExceeded` at `timeout`."""
@@ -135,9 +129,8 @@ class _ClientStream:
                     # While this write waits for flow control, new calls queue up for the next batch.
                     await self._rpc.write(batch)
         except asyncio.CancelledError:
+            self._cancelled()
             raise
-        except grpc.aio.AioRpcError as exc:
-            self._close(exc)
         except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
             self._close(exc)
 
@@ -148,7 +141,6 @@ class _ClientStream:
                 if raw is grpc.aio.EOF:
                     self._close(Unavailable(f"relay channel to {self.host} closed by the host"))
                     return
-                self._reached = True
                 try:
                     batch = relay_pb2.MuxBatch.FromString(raw)
                 except DecodeError as exc:
@@ -159,9 +151,16 @@ class _ClientStream:
                     if future is not None and not future.done():
                         future.set_result(answer)
         except asyncio.CancelledError:
+            self._cancelled()
             raise
-        except grpc.aio.AioRpcError as exc:
+        except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
             self._close(exc)
+
+    def _cancelled(self) -> None:
+        # grpc.aio raises CancelledError from read() and write() once the call is cancelled, which closing
+        # its channel does (a retired channel after a reload): the stream is then dead, not just this task.
+        if self.closed is None:
+            self._close(Unavailable(f"relay channel to {self.host} was cancelled (its channel closed)"))
 
     def _close(self, reason: BaseException) -> None:
         if self.closed is not None:

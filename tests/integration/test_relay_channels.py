@@ -24,7 +24,7 @@ from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.server import Gateway
 from tests.integration._hostile_common import append_config, still_serving
 from tests.integration._hostile_peer import RawPeer
-from tests.netharness import NetworkThread, records_since, search
+from tests.netharness import NetworkThread, records_since, search, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -184,3 +184,19 @@ def test_an_origin_falls_back_to_unary_rpcs_when_its_peer_has_no_relay_channels(
     with mnet.officer_channel(HANTS, officer=_officer()) as channel:
         assert search(channel)[0] is grpc.StatusCode.OK
     assert mux.supports(TV) and mux.streams() >= 1
+
+
+def test_a_channel_whose_connection_is_closed_is_dropped_and_the_next_call_opens_a_new_one(
+    mnet: NetworkThread,
+) -> None:
+    origin = _gateway(mnet, HANTS)
+    mux = origin.relay.mux
+    assert mux is not None
+    with mnet.officer_channel(HANTS, officer=_officer()) as channel:
+        assert search(channel)[0] is grpc.StatusCode.OK
+        assert mux.streams() >= 1
+        # What a reload does to a retired connection, once its grace is over: the relay channel on it dies.
+        mnet.run(origin.peers.close())
+        wait_for(lambda: mux.streams() == 0, "the closed relay channels to be dropped", timeout=10)
+        assert search(channel)[0] is grpc.StatusCode.OK
+    assert mux.streams() >= 1
