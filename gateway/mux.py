@@ -285,6 +285,7 @@ class MuxHost:
         self._max = max_in_flight
         self._draining = draining
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._refusing: set[asyncio.Task[None]] = set()
         self._answers: list[relay_pb2.MuxResponse] = []
         self._wake = asyncio.Event()
         self._finishing = False
@@ -298,13 +299,13 @@ class MuxHost:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
-            if self._running:
-                await asyncio.gather(*self._running.values(), return_exceptions=True)
+            if self._running or self._refusing:
+                await asyncio.gather(*self._running.values(), *self._refusing, return_exceptions=True)
             self._finishing = True
             self._wake.set()
             await writer
         finally:
-            for task in self._running.values():
+            for task in (*self._running.values(), *self._refusing):
                 task.cancel()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -352,6 +353,8 @@ class MuxHost:
         if problem is not None:
             # Not tracked under its id (that may be another call's); answered after its refusal is recorded.
             task = asyncio.get_running_loop().create_task(self._answer(self._refuse(request, problem)))
+            self._refusing.add(task)
+            task.add_done_callback(self._refusing.discard)
             task.add_done_callback(_log_failure)
             return
         task = asyncio.get_running_loop().create_task(self._answer(self._handle(request)))

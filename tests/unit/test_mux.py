@@ -185,3 +185,30 @@ def test_a_batch_of_too_many_items_is_refused() -> None:
 
     with pytest.raises(InvalidArgument, match="more than"):
         asyncio.run(run())
+
+
+def test_a_refusal_still_being_recorded_when_the_origin_closes_is_answered_before_the_stream_ends() -> None:
+    async def run() -> FakeStream:
+        stream = FakeStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        async def slow_refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
+            await asyncio.sleep(0.05)  # the refusal's durable record takes its time
+            return await _refuse(request, exc)
+
+        stream.send(1, 1)  # the second is a duplicate id while the first is in flight
+        stream.incoming.put_nowait(grpc.aio.EOF)
+        host = MuxHost(
+            stream,  # type: ignore[arg-type]  # the fake has the two methods MuxHost uses
+            handle=handle,
+            refuse=slow_refuse,
+            max_in_flight=10,
+            draining=asyncio.Event(),
+        )
+        await host.serve()
+        return stream
+
+    answers = asyncio.run(run()).answers()
+    assert sorted(a.HasField("refusal") for a in answers) == [False, True]
