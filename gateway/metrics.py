@@ -766,6 +766,9 @@ class GatewayMetrics:
 
     ``psngw_peer_circuit_open{force}`` gauge
         1 while calls to that force's gateway are short-circuited after failures.
+    ``psngw_relay_channels_open{force}`` gauge
+        Relay channels (``Relay/Mux`` streams) open to that force's gateway; 0 while idle, down, or relaying
+        by ``Relay/Unary`` (``[limits] relay_channels = false``, or a peer without them).
 
     Process
 
@@ -839,6 +842,9 @@ class GatewayMetrics:
         )
         self.peer_circuit_open = r.gauge(
             "psngw_peer_circuit_open", "1 while calls to the force's gateway are short-circuited.", ("force",)
+        )
+        self.relay_channels_open = r.gauge(
+            "psngw_relay_channels_open", "Relay channels (Relay/Mux streams) open to the force's gateway.", ("force",)
         )
         self.build_info = r.gauge("psngw_build_info", "The psn-gateway version (value always 1).", ("version",))
         self.build_info.replace(1, version=version)

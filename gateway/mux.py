@@ -245,9 +245,9 @@ class MuxClient:
             if value is stream:
                 del self._streams[key]
 
-    def streams(self) -> int:
-        """Open streams (for health and tests)."""
-        return sum(1 for s in self._streams.values() if s.closed is None)
+    def streams(self, host: str | None = None) -> int:
+        """Open streams (to `host`, or to every host), for health, metrics and tests."""
+        return sum(1 for (h, _), s in self._streams.items() if s.closed is None and host in (None, h))
 
     async def close(self) -> None:
         """Close every stream."""

@@ -591,6 +591,7 @@ class Gateway:
             "crl": crls,
             "expiring_certificates": [{"certificate": c, "days_left": round(d, 1)} for c, d in self.expiring],
             "reload_errors": self.reload_errors,
+            "relay_channels": self._relay_channel_health(),
             "policy": {
                 "version": self.policy.current.version,
                 "last_error": self.policy.last_error,
@@ -603,6 +604,18 @@ class Gateway:
                     "disagreements": self.shadow.disagreements,
                 },
             },
+        }
+
+    def _relay_channel_health(self) -> dict[str, Any]:
+        """Relay channels per peer force: how many are open, and whether that peer is relayed to by RPC instead."""
+        mux = self.relay.mux
+        return {
+            force: {
+                "open": 0 if mux is None else mux.streams(force),
+                "by_unary_rpc": mux is None or not mux.supports(force),
+            }
+            for force in self._directory.forces
+            if force != self.force
         }
 
     async def _update_health(self) -> None:
@@ -623,6 +636,11 @@ class Gateway:
             m.crl_usable.set_function(partial(self._crl_usable, force), force=force)
             if force != self.force:
                 m.peer_circuit_open.set_function(partial(self._circuit_open, force), force=force)
+                m.relay_channels_open.set_function(partial(self._relay_channels, force), force=force)
+
+    def _relay_channels(self, force: str) -> float:
+        mux = self.relay.mux
+        return 0.0 if mux is None else float(mux.streams(force))
 
     def _circuit_open(self, force: str) -> float:
         return 0.0 if self.relay.breaker(force).state is BreakerState.CLOSED else 1.0

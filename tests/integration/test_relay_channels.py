@@ -10,6 +10,7 @@ recorded refusal; and an origin whose peer does not serve `Relay/Mux` falls back
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -62,9 +63,15 @@ def test_relayed_unary_calls_travel_over_relay_channels_and_each_is_recorded_at_
     with mnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(lambda _: search(channel), range(48)))
     assert all(code is grpc.StatusCode.OK for code, _ in outcomes), outcomes
-    mux = _gateway(mnet, SURREY).relay.mux
+    origin_gateway = _gateway(mnet, SURREY)
+    mux = origin_gateway.relay.mux
     assert mux is not None
-    assert 1 <= mux.streams() <= _gateway(mnet, SURREY).config.limits.peer_channels
+    assert 1 <= mux.streams(TV) <= origin_gateway.config.limits.peer_channels
+    # What operators see: the channels in /healthz and /metrics.
+    assert origin_gateway.health()["relay_channels"][TV] == {"open": mux.streams(TV), "by_unary_rpc": False}
+    exposed = origin_gateway.registry.expose().decode()
+    [value] = re.findall(rf'^psngw_relay_channels_open\{{force="{TV}"\}} (\S+)$', exposed, re.MULTILINE)
+    assert float(value) == mux.streams(TV)
 
     origin = [r for r in records_since(mnet, SURREY, since) if r.officer_id == officer]
     host = [r for r in records_since(mnet, TV, since) if r.officer_id == officer]
@@ -178,6 +185,7 @@ def test_an_origin_falls_back_to_unary_rpcs_when_its_peer_has_no_relay_channels(
     with mnet.officer_channel(HANTS, officer=_officer()) as channel:
         assert [search(channel)[0] for _ in range(3)] == [grpc.StatusCode.OK] * 3
     assert not mux.supports(TV)
+    assert origin.health()["relay_channels"][TV]["by_unary_rpc"] is True
     assert origin.relay.breaker(TV).state.name == "CLOSED"
     monkeypatch.undo()
     mux._unsupported.clear()  # a minute later, in effect

@@ -541,6 +541,7 @@ def test_gateway_metrics_names_types_and_labels() -> None:
         "psngw_witness_quorum_required": ("gauge", ()),
         "psngw_witness_quorum_reached": ("gauge", ()),
         "psngw_peer_circuit_open": ("gauge", ("force",)),
+        "psngw_relay_channels_open": ("gauge", ("force",)),
         "psngw_build_info": ("gauge", ("version",)),
         "psngw_metrics_overflow_total": ("counter", ("metric",)),
     }
