@@ -1403,6 +1403,8 @@ class _Bench:
         self.layout: NetworkLayout | None = None
         self.caller = ""
         self.host = ""
+        #: the force whose gateway relays by one RPC per call (the gateway-2-rpc route's origin)
+        self.third = ""
         self.rate_limits = "as configured"
 
     # -- starting --------------------------------------------------------------------
@@ -1416,13 +1418,13 @@ class _Bench:
             for path in layout.configs.values():
                 self.rate_limits = _lift_rate_limits(path)
         forces = list(FORCES)
-        self.caller, self.host = forces[0], forces[1]
+        self.caller, self.host, self.third = forces[0], forces[1], forces[2]
         for force, path in layout.configs.items():
             limits = []
             if self.options.workers > 1:
                 # Several connections to each peer, so that SO_REUSEPORT spreads them over the workers.
                 limits.append(f"peer_channels = {4 * self.options.workers}")
-            if force == forces[2]:
+            if force == self.third:
                 # The third force's gateway relays as before relay channels: the gateway-2-rpc route.
                 limits.append("relay_channels = false")
             if limits:
@@ -1610,7 +1612,7 @@ class _Bench:
             md,
         )
 
-        third = next(f for f in directory.forces if f not in (caller, host))
+        third = self.third
         third_client = layout.material[third].app_clients["analyst-desk"]
         self.routes["gateway-2-rpc"] = _Route(
             "gateway-2-rpc",
