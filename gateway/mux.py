@@ -321,6 +321,8 @@ class MuxHost:
         if self._draining.is_set() or not read.done():
             # Draining: a batch that arrives now is not started (its calls fail at the origin when the
             # stream ends, as on any broken relay), so that nothing new begins while the gateway stops.
+            if read.done() and not read.cancelled():
+                read.exception()  # retrieved: a read that failed as the stream ended is not worth a warning
             read.cancel()
             return grpc.aio.EOF
         return read.result()
