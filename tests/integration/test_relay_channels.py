@@ -208,3 +208,22 @@ def test_a_channel_whose_connection_is_closed_is_dropped_and_the_next_call_opens
         wait_for(lambda: mux.streams() == 0, "the closed relay channels to be dropped", timeout=10)
         assert search(channel)[0] is grpc.StatusCode.OK
     assert mux.streams() >= 1
+
+
+def test_a_host_that_stops_ends_its_relay_channels_at_once_and_the_origin_drops_them(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    net = NetworkThread(tmp_path_factory.mktemp("mux-stop-net")).start()
+    try:
+        with net.officer_channel(SURREY, officer=_officer()) as channel:
+            assert search(channel)[0] is grpc.StatusCode.OK
+        mux = _gateway(net, SURREY).relay.mux
+        assert mux is not None and mux.streams(TV) >= 1
+        host = _gateway(net, TV)
+        started = time.monotonic()
+        net.run(host.stop())
+        # An open channel does not hold the stop for its grace (10 s): the host drains it and ends it.
+        assert time.monotonic() - started < host.config.limits.shutdown_grace / 2
+        wait_for(lambda: mux.streams(TV) == 0, "the origin to drop the ended relay channels", timeout=5)
+    finally:
+        net.stop()
