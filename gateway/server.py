@@ -391,7 +391,7 @@ class Gateway:
             self.force,
             self.config.listeners.local,
             self.config.listeners.peer,
-            extra={"force": self.force, "local_port": local_port, "peer_port": peer_port},
+            extra={"force": self.force, "local_port": local_port, "peer_port": peer_port, "worker": self.worker},
         )
 
     def _add_health(self, server: grpc.aio.Server) -> None:

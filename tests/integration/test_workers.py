@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,12 +74,26 @@ def _wait_serving(address: str, process: subprocess.Popen[str], log_path: Path) 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"workers exited: {log_path.read_text()[-2000:]}")
+        # Both workers serving (each logs it once its listeners are bound): connections opened before the
+        # second binds would all stay with the first, since gateways keep their connections to a peer.
+        serving = {entry.get("worker") for entry in _log_entries(log_path) if "serving: local" in entry["message"]}
         with socket.socket() as s:
-            if s.connect_ex((host, int(port))) == 0:
-                time.sleep(1.0)  # both workers bind; give the second a moment
+            if s.connect_ex((host, int(port))) == 0 and serving >= {0, 1}:
                 return
         time.sleep(0.1)
-    raise AssertionError("workers did not start")
+    raise AssertionError(f"workers did not start: {log_path.read_text()[-2000:]}")
+
+
+def _log_entries(log_path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("message"), str):
+            entries.append(entry)
+    return entries
 
 
 def test_calls_from_one_peer_reach_every_worker_and_one_tree(
