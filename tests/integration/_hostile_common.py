@@ -19,6 +19,7 @@ from tests.netharness import NetworkThread, call_outcome, records, records_since
 
 __all__ = [
     "HOSTS",
+    "LIFTED_RATE_LIMITS",
     "Outcome",
     "add_to_table",
     "append_config",
@@ -37,6 +38,11 @@ HOSTS = {"intel-search": "thames-valley", "custody-records": "hampshire", "case-
 
 #: (status code name, details) of one call
 Outcome = tuple[str, str]
+
+#: A `[rate_limits]` table no test's own calls reach (tests that are not about rate limits)
+LIFTED_RATE_LIMITS = (
+    "[rate_limits]\nforce_rate = 10000.0\nforce_burst = 10000\nunit_rate = 10000.0\nunit_burst = 10000\n"
+)
 
 
 def add_to_table(text: str, table: str, lines: str) -> str:

@@ -44,6 +44,7 @@ from gateway.envelope import Signer, envelope_body
 from gateway.purpose import encode_text
 from tests.certcases import load_testcases
 from tests.integration._hostile_common import (
+    LIFTED_RATE_LIMITS,
     Outcome,
     append_config,
     outcome,
@@ -836,8 +837,7 @@ def cnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
     # Reload fast (the certificate cases republish a CRL); generous rate limits (the corpus is quick).
     append_config(
         net,
-        "[revocation]\nreload_interval_seconds = 0.25\n\n"
-        "[rate_limits]\nforce_rate = 10000.0\nforce_burst = 10000\nunit_rate = 10000.0\nunit_burst = 10000\n",
+        "[revocation]\nreload_interval_seconds = 0.25\n\n" + LIFTED_RATE_LIMITS,
     )
     net.start()
     yield net

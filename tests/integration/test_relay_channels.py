@@ -23,7 +23,7 @@ from gateway import server as server_module
 from gateway._proto.psn.demo.intel.v1 import intel_pb2
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.server import Gateway
-from tests.integration._hostile_common import append_config, still_serving
+from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config, still_serving
 from tests.integration._hostile_peer import RawPeer
 from tests.netharness import NetworkThread, records_since, search, wait_for
 
@@ -37,9 +37,7 @@ SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
 @pytest.fixture(scope="module")
 def mnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
     net = NetworkThread(tmp_path_factory.mktemp("mux-net"))
-    append_config(
-        net, "[rate_limits]\nforce_rate = 10000.0\nforce_burst = 10000\nunit_rate = 10000.0\nunit_burst = 10000\n"
-    )
+    append_config(net, LIFTED_RATE_LIMITS)
     net.start()
     yield net
     net.stop()
