@@ -277,11 +277,12 @@ class PurposeStage:
 
     name = "purpose"
 
-    #: purposes parsed recently, by their three raw values (an application often repeats one for many calls)
+    #: parsed purposes kept at most; past it the cache starts again
     _CACHE_SIZE = 1024
 
     def __init__(self, config: PurposeConfig) -> None:
         self._config = config
+        #: purposes parsed recently, by their three raw values (an application often repeats one for many calls)
         self._parsed: dict[tuple[object, ...], Purpose] = {}
 
     async def __call__(self, call: Call) -> None:
