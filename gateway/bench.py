@@ -322,7 +322,7 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 def _row_line(row: Mapping[str, Any]) -> str:
     hops = row["hops"]
-    cpu = " ".join(f"{_f(h['cpu_s_per_call'] * 1e3)}" for h in hops) or "-"
+    cpu = " ".join(_f(None if h["cpu_s_per_call"] is None else h["cpu_s_per_call"] * 1e3) for h in hops) or "-"
     rss = " ".join(f"{_f(h['peak_rss_mb'], 0)}" for h in hops) or "-"
     return (
         f"{row['target']:<10} {_f(row['calls_per_s'], 1):>9} {_f(row['ratio_to_direct']):>6} "

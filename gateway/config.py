@@ -8,6 +8,7 @@ Example (paths are relative to the file)::
     [listeners]
     local = "127.0.0.1:7401"     # this force's applications (mTLS + officer token)
     peer = "127.0.0.1:7441"      # other forces' gateways (mTLS, signed envelopes)
+    relay = "127.0.0.1:7451"     # optional: relay links from other forces' gateways (TLS 1.3, no gRPC)
     admin = "127.0.0.1:9401"     # metrics and health, plaintext: keep it on loopback
 
     [tls]                        # the gateway's TLS certificate (server and client)
@@ -58,13 +59,19 @@ class ListenersConfig:
     local: str
     peer: str
     admin: str | None
+    #: relay links (`gateway.relaylink`); required when the directory gives this force a `relay_address`
+    relay: str | None = None
 
     @classmethod
-    def from_section(cls, sec: Section) -> ListenersConfig:
+    def from_section(cls, sec: Section, *, relay_required: bool = False) -> ListenersConfig:
         """Parse the `[listeners]` table."""
-        out = cls(sec.address("local"), sec.address("peer"), sec.address("admin", None))
+        out = cls(sec.address("local"), sec.address("peer"), sec.address("admin", None), sec.address("relay", None))
         if out.local == out.peer:
             sec.fail("peer", "local and peer listeners must differ")
+        if out.relay is not None and out.relay in (out.local, out.peer, out.admin):
+            sec.fail("relay", "the relay listener must have an address of its own")
+        if relay_required and out.relay is None:
+            sec.fail("relay", "the network directory gives this force a relay_address: say where to listen for it")
         sec.finish()
         return out
 
@@ -271,7 +278,9 @@ def load_config(path: Path | str) -> GatewayConfig:
         force=force,
         directory_path=directory_path,
         directory=directory,
-        listeners=ListenersConfig.from_section(root.table("listeners", required=True)),
+        listeners=ListenersConfig.from_section(
+            root.table("listeners", required=True), relay_required=directory.forces[force].relay_address is not None
+        ),
         tls=TlsConfig.from_section(root.table("tls", required=True)),
         signing=SigningConfig.from_section(root.table("signing", required=True)),
         tokens=TokenConfig.from_section(root.table("tokens", required=True)),

@@ -20,6 +20,7 @@ Example::
     ca = "pki/thames-valley/ca.pem"
     crl = "pki/thames-valley/crl.pem"
     peer_address = "127.0.0.1:7443"
+    relay_address = "127.0.0.1:7453"   # optional: relay links (gateway.relaylink), else gRPC
     clients = ["analyst-desk"]   # this force's applications that may call out
     log_cert = "pki/thames-valley/log-signing.pem"   # its audit-log key, for the witnesses
 
@@ -108,6 +109,8 @@ class Force:
     peer_address: str
     clients: tuple[str, ...] = ()
     log_cert_path: Path | None = None
+    #: its gateway's relay listener (`gateway.relaylink`); None: other gateways relay by gRPC (`Relay/Mux`)
+    relay_address: str | None = None
 
     @property
     def gateway_spiffe_id(self) -> str:
@@ -269,10 +272,14 @@ def _parse_forces(root: Section, network: str) -> dict[str, Force]:
             peer_address=sec.address("peer_address"),
             clients=sec.text_list("clients", (), pattern=NAME_PATTERN),
             log_cert_path=sec.file_path("log_cert", None),
+            relay_address=sec.address("relay_address", None),
         )
-        if force.peer_address in peer_addresses:
-            sec.fail("peer_address", f"same address as force {peer_addresses[force.peer_address]}")
-        peer_addresses[force.peer_address] = name
+        for key, address in (("peer_address", force.peer_address), ("relay_address", force.relay_address)):
+            if address is None:
+                continue
+            if address in peer_addresses:
+                sec.fail(key, f"same address as {peer_addresses[address]}")
+            peer_addresses[address] = f"force {name}'s {key}"
         sec.finish()
         forces[name] = force
     if not forces:

@@ -33,7 +33,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.clock import Clock
 from gateway.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from gateway.relaylink import LinkTarget, TlsLink
 from gateway.tls import ChannelPool
 
 __all__ = ["MUX_METHOD", "MuxClient", "MuxHost", "MuxUnsupported"]
@@ -54,27 +55,95 @@ MUX_METHOD = "/psn.gateway.v1.Relay/Mux"
 _MAX_BATCH_ITEMS = 128
 _MAX_BATCH_BYTES = 1 << 20
 
+#: Seconds an origin waits for a host to accept a new `Relay/Mux` stream before writing to it regardless.
+_ACCEPT_WAIT = 1.0
+
 
 class MuxUnsupported(Unavailable):
     """The host gateway does not serve `Relay/Mux`: the call was not delivered, and may go by `Relay/Unary`."""
 
 
-class _ClientStream:
-    """One open `Relay/Mux` stream on one channel, and the calls waiting on it."""
+class _NotTrustedNow(Unavailable):
+    """An open channel's host is no longer trusted as it was at connect: the call was not sent on it."""
 
-    def __init__(self, channel: grpc.aio.Channel, host: str, on_closed: Callable[[_ClientStream], None]) -> None:
-        self.host = host
-        self._on_closed = on_closed
-        # Answers arrive as bytes and are parsed here (see `RelayClient.unary`: grpc's own deserialiser
-        # would turn garbage into None plus a log line).
+
+class MuxPipe(Protocol):
+    """What a relay channel travels on: `Relay/Mux` on a gRPC channel, or a relay link (`gateway.relaylink`)."""
+
+    async def read(self) -> bytes | None:
+        """The next batch from the host, serialized; None when the host closed the channel."""
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        """Send one batch to the host."""
+
+    def abort(self) -> None:
+        """Close the channel now."""
+
+    def recheck(self) -> None:
+        """Raise `Unavailable` if the channel must not carry another call (its host is no longer trusted)."""
+
+    async def failure(self, exc: BaseException) -> BaseException:
+        """Why the channel failed, given what a read or write raised (the channel's own status if it has one)."""
+
+
+class GrpcPipe:
+    """A `Relay/Mux` stream on one gRPC channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        # Answers arrive as bytes and are parsed by the stream (see `RelayClient.unary`: grpc's own
+        # deserialiser would turn garbage into None plus a log line).
         multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.MuxBatch, bytes]
         multi = channel.stream_stream(MUX_METHOD, request_serializer=relay_pb2.MuxBatch.SerializeToString)
         self._rpc = multi()
+        self._accepted = False
+
+    async def read(self) -> bytes | None:
+        """The next batch, None at the end of the stream."""
+        raw: Any = await self._rpc.read()
+        return None if raw is grpc.aio.EOF else bytes(raw)
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        """Send one batch; the first waits for the host to accept the RPC (its response headers)."""
+        if not self._accepted:
+            # A host that refuses the RPC (UNIMPLEMENTED) answers at once; a write racing that answer
+            # fails with INTERNAL, and the status with it, so the refusal would be lost. Hosts send their
+            # headers as they accept the stream; one that does not is written to after a second anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rpc.initial_metadata(), _ACCEPT_WAIT)
+            self._accepted = True
+            if self._rpc.done():
+                code = await self._rpc.code()
+                if code is grpc.StatusCode.UNIMPLEMENTED:
+                    raise MuxUnsupported(f"relay channel refused: UNIMPLEMENTED: {await self._rpc.details()}")
+        await self._rpc.write(batch)
+
+    def abort(self) -> None:
+        """Cancel the RPC."""
+        self._rpc.cancel()
+
+    def recheck(self) -> None:
+        """Nothing to check: grpcio checked the host's certificate at the handshake and exposes it no further."""
+
+    async def failure(self, exc: BaseException) -> BaseException:
+        """What a read or write raised, as a refusal of the RPC if the host did not serve it."""
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+            return MuxUnsupported(f"relay channel refused: UNIMPLEMENTED: {exc.details()}")
+        return exc
+
+
+class _ClientStream:
+    """One open relay channel to one host, and the calls waiting on it."""
+
+    def __init__(self, pipe: MuxPipe, host: str, on_closed: Callable[[_ClientStream], None]) -> None:
+        self.host = host
+        self._on_closed = on_closed
+        self.pipe = pipe
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[relay_pb2.MuxResponse]] = {}
         self._outbox: list[relay_pb2.MuxRequest] = []
         self._cancels: list[int] = []
         self._wake = asyncio.Event()
+        self._retiring = False
         self.closed: BaseException | None = None
         self._tasks = (
             asyncio.get_running_loop().create_task(self._write_loop()),
@@ -85,6 +154,11 @@ class _ClientStream:
         """Send one request; its answer, `Unavailable` if the stream breaks, `DeadlineExceeded` at `timeout`."""
         if self.closed is not None:
             raise _as_unavailable(self.closed, self.host)
+        try:
+            self.pipe.recheck()
+        except Unavailable as exc:
+            self._close(exc)
+            raise _NotTrustedNow(exc.reason) from exc
         call_id = next(self._ids)
         future: asyncio.Future[relay_pb2.MuxResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
@@ -108,6 +182,16 @@ class _ClientStream:
         future.cancel()
         self._cancels.append(call_id)
         self._wake.set()
+        self._close_if_retired()
+
+    def retire(self) -> None:
+        """Take no new calls (the caller forgets this stream); close once the calls in flight are answered."""
+        self._retiring = True
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self._retiring and not self._pending:
+            self._close(Unavailable(f"relay channel to {self.host} retired"))
 
     async def _write_loop(self) -> None:
         try:
@@ -127,18 +211,18 @@ class _ClientStream:
                     batch.requests.extend(self._outbox[:take])
                     del self._outbox[:take]
                     # While this write waits for flow control, new calls queue up for the next batch.
-                    await self._rpc.write(batch)
+                    await self.pipe.write(batch)
         except asyncio.CancelledError:
             self._cancelled()
             raise
         except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
-            self._close(exc)
+            self._close(await self.pipe.failure(exc))
 
     async def _read_loop(self) -> None:
         try:
             while True:
-                raw: Any = await self._rpc.read()
-                if raw is grpc.aio.EOF:
+                raw = await self.pipe.read()
+                if raw is None:
                     self._close(Unavailable(f"relay channel to {self.host} closed by the host"))
                     return
                 try:
@@ -150,11 +234,14 @@ class _ClientStream:
                     future = self._pending.pop(answer.id, None)
                     if future is not None and not future.done():
                         future.set_result(answer)
+                self._close_if_retired()
+                if self.closed is not None:
+                    return
         except asyncio.CancelledError:
             self._cancelled()
             raise
         except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
-            self._close(exc)
+            self._close(await self.pipe.failure(exc))
 
     def _cancelled(self) -> None:
         # grpc.aio raises CancelledError from read() and write() once the call is cancelled, which closing
@@ -172,7 +259,7 @@ class _ClientStream:
                 future.set_exception(error)
         self._pending.clear()
         self._outbox.clear()
-        self._rpc.cancel()
+        self.pipe.abort()
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -198,21 +285,49 @@ def _as_unavailable(reason: BaseException, host: str) -> Unavailable:
 
 
 class MuxClient:
-    """The origin side: calls to each host force over open `Relay/Mux` streams, one per peer channel.
+    """The origin side: calls to each host force over open relay channels, one per peer channel.
 
-    A host whose gateway answers UNIMPLEMENTED is remembered for `fallback_seconds`:
-    `supports(host)` is False meanwhile, and the relay uses `Relay/Unary`.
+    A host with a relay link target (`set_links`: the directory gives its
+    `relay_address`) is reached over `peer_channels` TLS relay links; any other
+    host over `Relay/Mux` streams, one per gRPC peer channel. A host whose
+    gateway answers UNIMPLEMENTED to `Relay/Mux` is remembered for
+    `fallback_seconds`: `supports(host)` is False meanwhile, and the relay
+    uses `Relay/Unary`.
     """
 
-    def __init__(self, peers: ChannelPool, *, clock: Clock, fallback_seconds: float = 60.0) -> None:
+    def __init__(self, peers: ChannelPool, *, clock: Clock, links: int = 1, fallback_seconds: float = 60.0) -> None:
         self._peers = peers
         self._clock = clock
         self._fallback = fallback_seconds
+        self._links = links
         self._streams: dict[tuple[str, int], _ClientStream] = {}
         self._unsupported: dict[str, float] = {}
+        self._targets: dict[str, LinkTarget] = {}
+        self._turn: dict[str, itertools.cycle[int]] = {}
+        self._check: Callable[[str, bytes], None] = _refuse_all
+        self._max_frame = 0
+
+    def set_links(self, targets: dict[str, LinkTarget], *, check: Callable[[str, bytes], None], max_frame: int) -> None:
+        """Reach these hosts over relay links from now on; links whose target changed are retired.
+
+        `check(host, der)` raises if `der` is not a certificate to believe for `host`'s gateway.
+        """
+        self._check, self._max_frame = check, max_frame
+        for host in set(self._targets) | set(targets):
+            if self._targets.get(host) != targets.get(host):
+                self._retire(host)
+        self._targets = dict(targets)
+
+    def transport(self, host: str) -> str:
+        """``link``, ``grpc`` or ``unary-rpc``: how calls to `host` travel now."""
+        if host in self._targets:
+            return "link"
+        return "grpc" if self.supports(host) else "unary-rpc"
 
     def supports(self, host: str) -> bool:
-        """Whether calls to `host` go over `Relay/Mux` now."""
+        """Whether calls to `host` go over a relay channel now."""
+        if host in self._targets:
+            return True
         until = self._unsupported.get(host)
         if until is None:
             return True
@@ -221,6 +336,26 @@ class MuxClient:
             return True
         return False
 
+    def _stream(self, host: str) -> _ClientStream:
+        target = self._targets.get(host)
+        if target is not None:
+            turn = self._turn.get(host)
+            if turn is None:
+                turn = self._turn[host] = itertools.cycle(range(self._links))
+            key = (host, next(turn))
+        else:
+            channel = self._peers.channel(host)
+            key = (host, id(channel))
+        stream = self._streams.get(key)
+        if stream is None or stream.closed is not None:
+            pipe: MuxPipe
+            if target is not None:
+                pipe = TlsLink(host, target, check=partial(self._check, host), max_frame=self._max_frame)
+            else:
+                pipe = GrpcPipe(channel)
+            stream = self._streams[key] = _ClientStream(pipe, host, self._forget)
+        return stream
+
     async def call(
         self, host: str, request: relay_pb2.UnaryRelayRequest, *, timeout: float | None
     ) -> relay_pb2.MuxResponse:
@@ -228,17 +363,26 @@ class MuxClient:
 
         Raises `MuxUnsupported` (nothing was delivered), `Unavailable` or `DeadlineExceeded`.
         """
-        channel = self._peers.channel(host)
-        key = (host, id(channel))
-        stream = self._streams.get(key)
-        if stream is None or stream.closed is not None:
-            stream = self._streams[key] = _ClientStream(channel, host, self._forget)
         try:
-            return await stream.call(request, timeout)
+            for _ in range(self._links):
+                try:
+                    return await self._stream(host).call(request, timeout)
+                except _NotTrustedNow:
+                    # Nothing was sent; that channel is closed. The host may have a new certificate (a
+                    # revoked one replaced): a new channel checks what it presents now, and fails the
+                    # call if that is no better.
+                    continue
+            return await self._stream(host).call(request, timeout)
         except MuxUnsupported:
             self._unsupported[host] = self._clock.monotonic() + self._fallback
             log.warning("the gateway of %s does not serve Relay/Mux: relaying by Relay/Unary", host)
             raise
+
+    def _retire(self, host: str) -> None:
+        for key, stream in list(self._streams.items()):
+            if key[0] == host and isinstance(stream.pipe, TlsLink):
+                del self._streams[key]
+                stream.retire()
 
     def _forget(self, stream: _ClientStream) -> None:
         for key, value in list(self._streams.items()):
@@ -246,14 +390,18 @@ class MuxClient:
                 del self._streams[key]
 
     def streams(self, host: str | None = None) -> int:
-        """Open streams (to `host`, or to every host), for health, metrics and tests."""
+        """Open channels (to `host`, or to every host), for health, metrics and tests."""
         return sum(1 for (h, _), s in self._streams.items() if s.closed is None and host in (None, h))
 
     async def close(self) -> None:
-        """Close every stream."""
+        """Close every channel."""
         streams = list(self._streams.values())
         self._streams.clear()
         await asyncio.gather(*(s.close() for s in streams))
+
+
+def _refuse_all(host: str, _certificate: bytes) -> None:
+    raise Unavailable(f"relay link to {host}: no trust store to check its certificate with")
 
 
 #: The host's handler for one request: it returns the answer to send (it never raises a GatewayError).
@@ -272,14 +420,16 @@ class MuxHost:
 
     def __init__(
         self,
-        context: grpc.aio.ServicerContext[Any, Any],
+        read: Callable[[], Awaitable[bytes | None]],
+        write: Callable[[relay_pb2.MuxBatch], Awaitable[None]],
         *,
         handle: MuxHandler,
         refuse: Callable[[relay_pb2.MuxRequest, InvalidArgument | Unavailable], Awaitable[relay_pb2.MuxResponse]],
         max_in_flight: int,
         draining: asyncio.Event,
     ) -> None:
-        self._context = context
+        self._read = read
+        self._write = write
         self._handle = handle
         self._refuse = refuse
         self._max = max_in_flight
@@ -311,8 +461,8 @@ class MuxHost:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
-    async def _next_batch(self) -> Any:
-        read = asyncio.ensure_future(self._context.read())
+    async def _next_batch(self) -> bytes | None:
+        read = asyncio.ensure_future(self._read())
         drain = asyncio.ensure_future(self._draining.wait())
         try:
             await asyncio.wait((read, drain), return_when=asyncio.FIRST_COMPLETED)
@@ -324,13 +474,13 @@ class MuxHost:
             if read.done() and not read.cancelled():
                 read.exception()  # retrieved: a read that failed as the stream ended is not worth a warning
             read.cancel()
-            return grpc.aio.EOF
+            return None
         return read.result()
 
     async def _read_loop(self) -> None:
         while not self._draining.is_set():
             raw = await self._next_batch()
-            if raw is grpc.aio.EOF:
+            if raw is None:
                 return
             try:
                 batch = relay_pb2.MuxBatch.FromString(raw)
@@ -389,7 +539,7 @@ class MuxHost:
                         take += 1
                     batch = relay_pb2.MuxBatch(responses=self._answers[:take])
                     del self._answers[:take]
-                    await self._context.write(batch)
+                    await self._write(batch)
                 if self._finishing:
                     return
         except asyncio.CancelledError:

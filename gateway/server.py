@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
-from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound
+from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstream, backend_unary, pump_stream
 from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
@@ -73,6 +74,15 @@ from gateway.policy import (
 )
 from gateway.ratelimit import RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
+from gateway.relaylink import (
+    FRAME_OVERHEAD,
+    LinkTarget,
+    RelayLinkListener,
+    client_context,
+    read_frame,
+    server_context,
+    write_frame,
+)
 from gateway.replay import InMemoryReplayStore, ReplayStore, SqliteReplayStore
 from gateway.status import status_for
 from gateway.tls import ChannelPool, KeyPair, ServerTls
@@ -99,11 +109,16 @@ class Recorder(Protocol):
         ...
 
 
+#: The method name in the records of relay link calls refused before their envelope verified.
+LINK_METHOD = "/psn.gateway.v1.Relay/Link"
+
+
 @dataclass(frozen=True)
 class _Ports:
     local: int
     peer: int
     admin: int | None
+    relay: int | None = None
 
 
 def _peer_certificate(context: Context) -> bytes | None:
@@ -199,8 +214,11 @@ class Gateway:
             clock=self.clock,
             breaker_failures=limits.peer_failures,
             breaker_cooldown=limits.peer_cooldown,
-            mux=MuxClient(self.peers, clock=self.clock) if limits.relay_channels else None,
+            mux=MuxClient(self.peers, clock=self.clock, links=limits.peer_channels) if limits.relay_channels else None,
         )
+        self._link_contexts: dict[tuple[str, str, bytes], ssl.SSLContext] = {}
+        self._relay_listener: RelayLinkListener | None = None
+        self._set_link_targets()
         self.policy = PolicyHolder(load_policy(config.policy.dir, config.directory))
         self.shadow: ShadowPolicy | None = None
         if config.policy.shadow_dir is not None:
@@ -283,6 +301,42 @@ class Gateway:
                 if f.name != self.force
             }
         )
+
+    def _link_context(self, side: str, roots: bytes) -> ssl.SSLContext:
+        """A relay link TLS context, the same object while the key pair and the roots stay the same."""
+        key = (side, self._tls.fingerprint, roots)
+        context = self._link_contexts.get(key)
+        if context is None:
+            make = server_context if side == "server" else client_context
+            context = make(self._tls, roots)
+            self._link_contexts = {k: v for k, v in self._link_contexts.items() if k[1] == self._tls.fingerprint}
+            self._link_contexts[key] = context
+        return context
+
+    def _relay_server_context(self) -> ssl.SSLContext:
+        """The relay listener's context for the next handshake (every force's CA, as on the peer listener)."""
+        return self._link_context("server", self._roots())
+
+    def _set_link_targets(self) -> None:
+        """Relay links to every other force whose directory entry has a `relay_address`."""
+        mux = self.relay.mux
+        if mux is None:
+            return
+        targets = {}
+        for f in self._directory.forces.values():
+            if f.name != self.force and f.relay_address is not None:
+                roots = self._trust.ca_certificate(f.name).public_bytes(_PEM)
+                context = self._link_context(f"client:{f.name}", roots)
+                targets[f.name] = LinkTarget(f.relay_address, f.gateway_server_name, context)
+        max_frame = self.config.limits.max_message_bytes + FRAME_OVERHEAD
+        mux.set_links(targets, check=self._check_link_host, max_frame=max_frame)
+
+    def _check_link_host(self, host: str, certificate: bytes) -> None:
+        """The host gateway's TLS certificate on a relay link: trusted now, CRL included, and that gateway's."""
+        identity = self._trust.verify(certificate, Usage.SERVER, self.clock.now())
+        expected = self._directory.forces[host].gateway_spiffe_id
+        if identity.spiffe_id != expected:
+            raise Unauthenticated(f"{identity.describe()} is not {expected}")
 
     def _replay_store(self) -> ReplayStore:
         """In-process for one worker; shared through SQLite when several workers serve the same listeners."""
@@ -373,6 +427,15 @@ class Gateway:
         self._add_peer_services(peer)
         self._add_health(peer)
         peer_port = peer.add_secure_port(self.config.listeners.peer, self._peer_tls.credentials())
+        relay_port = None
+        if self.config.listeners.relay is not None:
+            self._relay_listener = RelayLinkListener(
+                self.config.listeners.relay,
+                context=self._relay_server_context,
+                handle=self.peer_link,
+                reuse_port=self.workers > 1,
+            )
+            relay_port = await self._relay_listener.start()
         await local.start()
         await peer.start()
         self._local_server, self._peer_server = local, peer
@@ -380,7 +443,7 @@ class Gateway:
         if self.config.listeners.admin is not None and self.worker == 0:
             self._admin = AdminServer(self.config.listeners.admin, registry=self.registry, health=self.health)
             admin_port = await self._admin.start()
-        self.ports = _Ports(local_port, peer_port, admin_port)
+        self.ports = _Ports(local_port, peer_port, admin_port, relay_port)
         self._install_gauges()
         self.metrics.set_policy_version(self.policy.current.version)
         self._warn_expiry()
@@ -391,7 +454,13 @@ class Gateway:
             self.force,
             self.config.listeners.local,
             self.config.listeners.peer,
-            extra={"force": self.force, "local_port": local_port, "peer_port": peer_port, "worker": self.worker},
+            extra={
+                "force": self.force,
+                "local_port": local_port,
+                "peer_port": peer_port,
+                "relay_port": relay_port,
+                "worker": self.worker,
+            },
         )
 
     def _add_health(self, server: grpc.aio.Server) -> None:
@@ -412,7 +481,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         servers = [s for s in (self._local_server, self._peer_server) if s is not None]
-        await asyncio.gather(*(s.stop(grace) for s in servers))
+        links = [] if self._relay_listener is None else [self._relay_listener.stop(grace)]
+        await asyncio.gather(*(s.stop(grace) for s in servers), *links)
         if self._admin is not None:
             await self._admin.stop()
         await self.audit_log.close()
@@ -510,6 +580,10 @@ class Gateway:
         self._local_tls.update(self._tls, self._roots())
         self._peer_tls.update(self._tls, self._roots())
         self._set_channel_targets()
+        try:
+            self._set_link_targets()
+        except GatewayError as exc:
+            errors.append(exc.reason)
         try:
             signer = Signer.from_files(self.config.signing.cert, self.config.signing.key)
             if signer.certificate != self._signer.certificate:
@@ -613,6 +687,7 @@ class Gateway:
             force: {
                 "open": 0 if mux is None else mux.streams(force),
                 "by_unary_rpc": mux is None or not mux.supports(force),
+                "transport": "unary-rpc" if mux is None else mux.transport(force),
             }
             for force in self._directory.forces
             if force != self.force
@@ -927,12 +1002,12 @@ class Gateway:
 
     # -- relay channels (`Relay/Mux`): many unary calls over one stream (gateway.mux) --
 
-    def _mux_call(self, peer_certificate: bytes | None) -> Call:
+    def _mux_call(self, peer_certificate: bytes | None, method: str = MUX_METHOD) -> Call:
         now, mono = self.clock.now(), self.clock.monotonic()
         # No transport deadline: the envelope stage takes the call's deadline from the signed envelope.
         return Call(
             listener=Listener.PEER,
-            method=MUX_METHOD,
+            method=method,
             metadata=(),
             peer_certificate=peer_certificate,
             started_at=now,
@@ -940,16 +1015,58 @@ class Gateway:
         )
 
     async def peer_mux(self, context: PeerContext) -> None:
-        """A relay channel from another force's gateway: its calls each run as a relayed unary call."""
-        peer_certificate = _peer_certificate(context)
-        opening = self._mux_call(peer_certificate)
+        """A relay channel (`Relay/Mux`) from another force's gateway: its calls each run as a relayed unary call."""
+
+        async def read() -> bytes | None:
+            raw: Any = await context.read()
+            return None if raw is grpc.aio.EOF else raw
+
+        async def end(opening: Call, exc: GatewayError) -> None:
+            await self.refuse(opening, exc, context)
+
+        await context.send_initial_metadata(())  # accepted: the origin starts writing (`gateway.mux.GrpcPipe`)
+        await self._serve_channel(_peer_certificate(context), MUX_METHOD, read, context.write, end)
+
+    async def peer_link(self, certificate: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A relay link (`gateway.relaylink`) from another force's gateway: a relay channel over plain TLS."""
+        max_frame = self.config.limits.max_message_bytes + FRAME_OVERHEAD
+
+        async def read() -> bytes | None:
+            return await read_frame(reader, max_frame)
+
+        async def write(batch: relay_pb2.MuxBatch) -> None:
+            write_frame(writer, batch)
+            await writer.drain()
+
+        async def end(opening: Call, exc: GatewayError) -> None:
+            if isinstance(exc, Unavailable) and opening.peer is not None:
+                log.info("relay link from %s broke: %s", opening.peer.describe(), exc.reason)
+                return  # a connection that broke is not a refusal of anything
+            await self._record_refusal(opening, exc)
+
+        await self._serve_channel(certificate or None, LINK_METHOD, read, write, end)
+
+    async def _serve_channel(
+        self,
+        certificate: bytes | None,
+        method: str,
+        read: Callable[[], Awaitable[bytes | None]],
+        write: Callable[[relay_pb2.MuxBatch], Awaitable[None]],
+        end: Callable[[Call, GatewayError], Awaitable[None]],
+    ) -> None:
+        """Serve one relay channel: the peer is checked once to open it and again for every call on it.
+
+        `end` records (and, on gRPC, answers) a refusal of the channel itself.
+        """
+        opening = self._mux_call(certificate, method)
         try:
             await self.peer_identity.admit(opening)
         except GatewayError as exc:
-            await self.refuse(opening, exc, context)
+            await end(opening, exc)
+            return
 
         async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
-            call = self._mux_call(peer_certificate)
+            call = self._mux_call(certificate, method)
             call.relay_request = request.request
             with self._in_flight(Listener.PEER):
                 outcome = await self._relayed_unary(call)
@@ -958,12 +1075,13 @@ class Gateway:
             return relay_pb2.MuxResponse(id=request.id, response=outcome)
 
         async def refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
-            call = self._mux_call(peer_certificate)
+            call = self._mux_call(certificate, method)
             call.peer = opening.peer
             return (await self._record_refusal(call, exc)).answer(request.id)
 
         host = MuxHost(
-            context,
+            read,
+            write,
             handle=handle,
             refuse=refuse,
             max_in_flight=self.config.limits.max_concurrent_calls,
@@ -972,7 +1090,7 @@ class Gateway:
         try:
             await host.serve()
         except GatewayError as exc:
-            await self.refuse(opening, exc, context)
+            await end(opening, exc)
 
     async def peer_witness(self, raw: bytes, context: PeerContext) -> witness_pb2.AddCheckpointResponse:
         """A peer force's log submits a checkpoint for this gateway to witness."""

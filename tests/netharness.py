@@ -35,8 +35,8 @@ T = TypeVar("T")
 class NetworkThread:
     """A `DemoNetwork` served by an event loop in a background thread."""
 
-    def __init__(self, root: Path, *, echo: bool = False) -> None:
-        self.layout: NetworkLayout = write_network(root, echo=echo)
+    def __init__(self, root: Path, *, echo: bool = False, relay_links: bool = True) -> None:
+        self.layout: NetworkLayout = write_network(root, echo=echo, relay_links=relay_links)
         self.network = DemoNetwork(self.layout)
         self._manifest_lock = threading.Lock()
         self.loop = asyncio.new_event_loop()

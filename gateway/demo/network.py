@@ -82,6 +82,8 @@ class ForcePorts:
     peer: int
     admin: int
     apps: Mapping[str, int]
+    #: the relay link listener (`gateway.relaylink`); 0 when the network has none
+    relay: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,16 @@ def policies_source() -> Path:
     return path
 
 
-def _directory_text(ports: Mapping[str, ForcePorts], *, echo: bool) -> str:
+def _directory_text(ports: Mapping[str, ForcePorts], *, echo: bool, relay_links: bool) -> str:
     """The policies' example directory, on this run's loopback ports, with log certificates (and echo apps)."""
     text = (policies_source() / "directory.example.toml").read_text()
     for force in FORCES:
         section = re.compile(rf"(\[forces\.{force}\][^\[]*?)peer_address = \"[^\"]*\"", re.S)
         text, n = section.subn(
-            rf'\g<1>peer_address = "127.0.0.1:{ports[force].peer}"\nlog_cert = "pki/{force}/log-signing.pem"', text
+            rf'\g<1>peer_address = "127.0.0.1:{ports[force].peer}"\n'
+            + (rf'relay_address = "127.0.0.1:{ports[force].relay}"\n' if relay_links else "")
+            + rf'log_cert = "pki/{force}/log-signing.pem"',
+            text,
         )
         if n != 1:
             raise ConfigError(f"no peer_address for force {force}", file=policies_source() / "directory.example.toml")
@@ -163,6 +168,7 @@ def _config_text(force: str, ports: ForcePorts, hosted: Iterable[str]) -> str:
         f'local = "127.0.0.1:{ports.local}"',
         f'peer = "127.0.0.1:{ports.peer}"',
         f'admin = "127.0.0.1:{ports.admin}"',
+        *([f'relay = "127.0.0.1:{ports.relay}"'] if ports.relay else []),
         "",
         "[tls]",
         f'cert = "pki/{force}/gateway-tls.pem"',
@@ -214,23 +220,32 @@ def idp_audience(force: str) -> str:
     return f"psn-gateway/{force}"
 
 
-def write_network(root: Path, *, echo: bool = False, signing_key: str | None = None) -> NetworkLayout:
+def write_network(
+    root: Path, *, echo: bool = False, signing_key: str | None = None, relay_links: bool = True
+) -> NetworkLayout:
     """Write directory, PKI and configs for the three demo forces under `root`.
 
     `signing_key` chooses the gateways' envelope-signing key type (``ed25519`` by default, or ``p256``).
+    `relay_links=False` leaves out the relay listeners: gateways relay to each other by gRPC only.
     """
     root.mkdir(parents=True, exist_ok=True)
     hosted: dict[str, tuple[str, ...]] = {
         force: (app, *((f"echo-{force}",) if echo else ())) for force, (_, app) in FORCES.items()
     }
-    numbers = iter(free_ports(sum(3 + len(apps) for apps in hosted.values())))
+    numbers = iter(free_ports(sum(4 + len(apps) for apps in hosted.values())))
     ports = {
-        force: ForcePorts(next(numbers), next(numbers), next(numbers), {app: next(numbers) for app in hosted[force]})
+        force: ForcePorts(
+            next(numbers),
+            next(numbers),
+            next(numbers),
+            {app: next(numbers) for app in hosted[force]},
+            next(numbers) if relay_links else 0,
+        )
         for force in FORCES
     }
     (root / "audit").mkdir(mode=0o700, exist_ok=True)
     directory_path = root / "directory.toml"
-    directory_path.write_text(_directory_text(ports, echo=echo))
+    directory_path.write_text(_directory_text(ports, echo=echo, relay_links=relay_links))
     _copy_policies(root, echo=echo)
     material = pki.init_network(load_directory(directory_path), overwrite=True, signing_key_type=signing_key)
     idps = {force: init_dev_idp(root / "idp" / force, overwrite=True) for force in FORCES}

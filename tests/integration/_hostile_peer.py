@@ -6,16 +6,25 @@ listener with bytes it builds itself: request envelopes with any field, frames
 in any order, garbage. Answers come back as `RelayOutcome`: the gRPC status of
 the relay call and, where the host sealed a refusal after the envelope
 verified, the status inside the response seal.
+
+The same peer also speaks relay links (`gateway.relaylink`: length-prefixed
+`MuxBatch` frames over TLS 1.3, no gRPC) to the host's relay listener, with a
+plain blocking `ssl` socket: `link_raw` sends exactly the bytes it is given and
+reports how the connection ended (`LinkEnd`), `link` mirrors `mux`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import socket
+import ssl
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import grpc
 
@@ -33,9 +42,10 @@ from gateway.envelope import (
     seal_request,
 )
 from gateway.principal import Principal, Purpose
+from gateway.relaylink import ALPN
 from tests.netharness import NetworkThread
 
-__all__ = ["RawPeer", "RelayOutcome", "frames_of"]
+__all__ = ["LinkEnd", "RawPeer", "RelayOutcome", "Unframed", "frames_of"]
 
 UNARY = "/psn.gateway.v1.Relay/Unary"
 STREAM = "/psn.gateway.v1.Relay/Stream"
@@ -69,6 +79,44 @@ def _sealed_status(signed: relay_pb2.Signed) -> str:
     return _NAMES[parse_response_seal_body(signed.body).status_code]
 
 
+#: How a unary relay request travels: its own `Relay/Unary` RPC, a `Relay/Mux` channel, or a relay link.
+Via = Literal["rpc", "mux", "link"]
+
+#: A relay link frame's header: the body's length, 4 bytes big-endian (gateway.relaylink).
+_LINK_HEADER = struct.Struct(">I")
+
+
+class Unframed(bytes):
+    """Bytes `RawPeer.link_raw` sends as they are, without a length header (a forged header, half a frame)."""
+
+
+@dataclass(frozen=True)
+class LinkEnd:
+    """How a raw relay link ended, seen from the peer.
+
+    `how` is one of:
+
+    - ``"handshake"``: the TLS handshake failed, or (TLS 1.3 checks the client's certificate after the
+      client thinks the handshake is done) the host's first word was a TLS alert;
+    - ``"eof"``: the host closed the connection (cleanly, or without close_notify);
+    - ``"reset"``: the connection was reset, or broke with a TLS error after the handshake;
+    - ``"timeout"``: neither an end nor the expected answers within the timeout;
+    - ``"done"``: the expected number of answers arrived; the peer closed the link.
+    """
+
+    how: str
+    detail: str = ""
+    #: the ALPN protocol the host selected (None: none, or the handshake failed)
+    alpn: str | None = None
+    #: the TLS version of the connection (None if the handshake failed)
+    version: str | None = None
+
+    @property
+    def closed_by_host(self) -> bool:
+        """The host ended the connection (closed or reset it)."""
+        return self.how in ("eof", "reset")
+
+
 def frames_of(*frames: relay_pb2.RelayFrame | bytes) -> list[bytes]:
     """Frames as the bytes a raw stream sends (bytes pass through untouched)."""
     return [f if isinstance(f, bytes) else f.SerializeToString() for f in frames]
@@ -87,6 +135,8 @@ class RawPeer:
         self.signer = Signer.from_files(material.gateway_signing.cert_path, material.gateway_signing.key_path)
         tls = layout.material[tls_of or origin].gateway_tls
         roots = b"".join(layout.material[f].ca.read_bytes() for f in layout.material)
+        self._tls = (tls.cert_path, tls.key_path)
+        self._roots = roots
         creds = grpc.ssl_channel_credentials(roots, tls.key_path.read_bytes(), tls.cert_path.read_bytes())
         target = self.directory.forces[host]
         self.channel = grpc.secure_channel(
@@ -168,11 +218,24 @@ class RawPeer:
     # -- sending -------------------------------------------------------------------------
 
     def unary(
-        self, signed: relay_pb2.Signed, message: bytes, *, timeout: float = 10, via_mux: bool = False
+        self,
+        signed: relay_pb2.Signed,
+        message: bytes,
+        *,
+        timeout: float = 10,
+        via_mux: bool = False,
+        via: Via = "rpc",
     ) -> RelayOutcome:
-        """A Unary relay call (`via_mux`: the same request as the only call on a relay channel)."""
+        """A Unary relay call: its own `Relay/Unary` RPC (`via` "rpc"), or the only call on a relay channel.
+
+        `via` "mux" (or `via_mux=True`): over `Relay/Mux`; "link": over a relay link.
+        """
         if via_mux:
+            via = "mux"
+        if via == "mux":
             return self.mux((1, signed, message), timeout=timeout)[1]
+        if via == "link":
+            return self.link((1, signed, message), timeout=timeout)[1]
         return self.unary_raw(
             relay_pb2.UnaryRelayRequest(envelope=signed, message=message).SerializeToString(), timeout
         )
@@ -228,15 +291,123 @@ class RawPeer:
         )
         end, answers = self.mux_raw([batch.SerializeToString()], timeout=timeout)
         assert end.code is grpc.StatusCode.OK, end
-        out: dict[int, RelayOutcome] = {}
-        for answer in answers:
-            if answer.HasField("refusal"):
-                out[answer.id] = RelayOutcome(grpc.StatusCode(_CODES[answer.refusal.code]), answer.refusal.message)
-            else:
-                out[answer.id] = RelayOutcome(
-                    grpc.StatusCode.OK, "", _sealed_status(answer.response.seal), (answer.response,)
-                )
-        return out
+        return _outcomes(answers)
+
+    # -- relay links (gateway.relaylink) -------------------------------------------------
+
+    def link_raw(
+        self,
+        frames: Iterable[bytes],
+        *,
+        timeout: float = 10,
+        expect: int | None = None,
+        alpn: Sequence[str] = (ALPN,),
+        tls_version: ssl.TLSVersion | None = None,
+        cert: tuple[Path, Path] | None = None,
+        anonymous: bool = False,
+    ) -> tuple[LinkEnd, list[relay_pb2.MuxResponse]]:
+        """A relay link to the host's relay listener sending exactly `frames`: how it ended and the answers.
+
+        Each frame body gets its 4-byte length header, except `Unframed` bytes, which go as they are.
+        After sending, answers are read until `expect` of them arrived (then this peer closes the link:
+        "done"), the host ends the connection, or `timeout` seconds pass. The link never half-closes:
+        like the gateway's own origin side, it stays open while answers are due.
+
+        The client certificate is this peer's gateway TLS certificate (or `tls_of`'s), or `cert`
+        (certificate and key files), or none at all (`anonymous`); `alpn` the protocols offered (empty:
+        no ALPN extension); `tls_version` pins the TLS version offered (default: TLS 1.2 to 1.3).
+        """
+        target = self.directory.forces[self.host]
+        if target.relay_address is None:
+            raise AssertionError(f"{self.host} has no relay_address in the directory")
+        name, _, port = target.relay_address.rpartition(":")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cadata=self._roots.decode("ascii"))
+        context.check_hostname = True
+        if tls_version is not None:
+            context.minimum_version = context.maximum_version = tls_version
+        if not anonymous:
+            cert_path, key_path = cert or self._tls
+            context.load_cert_chain(cert_path, key_path)
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        deadline = time.monotonic() + timeout
+        try:
+            raw_sock = socket.create_connection((name.strip("[]"), int(port)), timeout=timeout)
+        except OSError as exc:
+            return LinkEnd("refused", repr(exc)), []
+        try:
+            sock = context.wrap_socket(raw_sock, server_hostname=target.gateway_server_name)
+        except (ssl.SSLError, OSError) as exc:
+            raw_sock.close()
+            return LinkEnd("handshake", repr(exc)), []
+        with sock:
+            chosen, version = sock.selected_alpn_protocol(), sock.version()
+            try:
+                for frame in frames:
+                    sock.sendall(frame if isinstance(frame, Unframed) else _LINK_HEADER.pack(len(frame)) + frame)
+            except OSError:
+                pass  # the host may already have ended the link: what it said before that is read below
+            end, answers = _read_link(sock, deadline, expect)
+        return replace(end, alpn=chosen, version=version), answers
+
+    def link(self, *requests: tuple[int, relay_pb2.Signed, bytes], timeout: float = 10) -> dict[int, RelayOutcome]:
+        """Unary calls over one relay link, all in one frame: each answer's outcome by request id."""
+        batch = relay_pb2.MuxBatch(
+            requests=[
+                relay_pb2.MuxRequest(id=i, request=relay_pb2.UnaryRelayRequest(envelope=signed, message=message))
+                for i, signed, message in requests
+            ]
+        )
+        end, answers = self.link_raw([batch.SerializeToString()], timeout=timeout, expect=len(requests))
+        assert end.how == "done", (end, answers)
+        return _outcomes(answers)
+
+
+def _read_link(sock: ssl.SSLSocket, deadline: float, expect: int | None) -> tuple[LinkEnd, list[relay_pb2.MuxResponse]]:
+    """Read answer frames from a relay link until `expect` answers, its end, or `deadline` (monotonic)."""
+    answers: list[relay_pb2.MuxResponse] = []
+    buffer = b""
+    received = False
+    while expect is None or len(answers) < expect:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return LinkEnd("timeout", f"{len(answers)} answers"), answers
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            return LinkEnd("timeout", f"{len(answers)} answers"), answers
+        except ssl.SSLError as exc:
+            alert = "ALERT" in str(exc).upper()
+            return LinkEnd("handshake" if alert and not received else "reset", repr(exc)), answers
+        except OSError as exc:
+            return LinkEnd("reset", repr(exc)), answers
+        if not chunk:
+            return LinkEnd("eof", f"{len(buffer)} bytes of an unfinished frame" if buffer else ""), answers
+        received = True
+        buffer += chunk
+        while len(buffer) >= _LINK_HEADER.size:
+            (size,) = _LINK_HEADER.unpack_from(buffer)
+            if len(buffer) < _LINK_HEADER.size + size:
+                break
+            body = buffer[_LINK_HEADER.size : _LINK_HEADER.size + size]
+            buffer = buffer[_LINK_HEADER.size + size :]
+            answers.extend(relay_pb2.MuxBatch.FromString(body).responses)
+    return LinkEnd("done"), answers
+
+
+def _outcomes(answers: Iterable[relay_pb2.MuxResponse]) -> dict[int, RelayOutcome]:
+    """Relay channel answers as outcomes by request id (a refusal's code as the RPC status)."""
+    out: dict[int, RelayOutcome] = {}
+    for answer in answers:
+        if answer.HasField("refusal"):
+            out[answer.id] = RelayOutcome(grpc.StatusCode(_CODES[answer.refusal.code]), answer.refusal.message)
+        else:
+            out[answer.id] = RelayOutcome(
+                grpc.StatusCode.OK, "", _sealed_status(answer.response.seal), (answer.response,)
+            )
+    return out
 
 
 _CODES = {code.value[0]: code.value for code in grpc.StatusCode}
@@ -257,4 +428,15 @@ def seal_frame(signed: relay_pb2.Signed) -> relay_pb2.RelayFrame:
     return relay_pb2.RelayFrame(request_seal=signed)
 
 
-__all__ += ["MUX", "PURPOSE", "STREAM", "UNARY", "WITNESS", "CallType", "envelope_frame", "message_frame", "seal_frame"]
+__all__ += [
+    "MUX",
+    "PURPOSE",
+    "STREAM",
+    "UNARY",
+    "WITNESS",
+    "CallType",
+    "Via",
+    "envelope_frame",
+    "message_frame",
+    "seal_frame",
+]

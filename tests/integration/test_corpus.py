@@ -59,6 +59,7 @@ from tests.integration._hostile_peer import (
     WITNESS,
     RawPeer,
     RelayOutcome,
+    Via,
     envelope_frame,
     message_frame,
     seal_frame,
@@ -118,8 +119,9 @@ class Ctx:
     net: NetworkThread
     officer: str
     peers: dict[tuple[str, str], RawPeer] = field(default_factory=dict)
-    #: unary relay cases send their request over a relay channel (`Relay/Mux`) instead of `Relay/Unary`
-    via_mux: bool = False
+    #: how unary relay cases send their request: `Relay/Unary` ("rpc"), or as the only call on a relay
+    #: channel over `Relay/Mux` ("mux") or over a relay link ("link", gateway.relaylink)
+    via: Via = "rpc"
 
     def peer(self, origin: str, host: str) -> RawPeer:
         """`origin`'s gateway, talking raw relay to `host`."""
@@ -225,7 +227,7 @@ def _unary(ctx: Ctx, mutate: Callable[[RawPeer, Any], Any] | None = None, **env_
     if mutate is not None:
         env = mutate(p, env)
     signed = env if isinstance(env, relay_pb2.Signed) else p.sign(env)
-    return relay(p.unary(signed, SEARCH_MSG, via_mux=ctx.via_mux))
+    return relay(p.unary(signed, SEARCH_MSG, via=ctx.via))
 
 
 def _flip_signature(p: RawPeer, env: Any) -> relay_pb2.Signed:
@@ -250,7 +252,7 @@ def _other_signer(ctx: Ctx) -> Signer:
 def _replayed(ctx: Ctx) -> Outcome:
     p = ctx.peer(SURREY, TV)
     signed = p.sign(p.envelope(SEARCH, message=SEARCH_MSG, officer=ctx.officer))
-    first = p.unary(signed, SEARCH_MSG, via_mux=ctx.via_mux)
+    first = p.unary(signed, SEARCH_MSG, via=ctx.via)
     assert first.status == "OK", first  # captured from a call that succeeded
     return relay(p.unary(signed, SEARCH_MSG))  # replayed over the other relay path (Relay/Unary)
 
@@ -883,7 +885,15 @@ def test_corpus_case(ctx: Ctx, case: Case) -> None:
 @pytest.mark.parametrize("case", list(_unary_relay_params()))
 def test_unary_relay_case_over_a_relay_channel(ctx: Ctx, case: Case) -> None:
     """Every hostile unary relay request meets the same refusal and record on `Relay/Mux` as on `Relay/Unary`."""
-    ctx.via_mux = True
+    ctx.via = "mux"
+    _check_case(ctx, case)
+
+
+@pytest.mark.parametrize("case", list(_unary_relay_params()))
+def test_unary_relay_case_over_a_relay_link(ctx: Ctx, case: Case) -> None:
+    """Every hostile unary relay request meets the same refusal and record on a relay link (plain TLS frames)."""
+    assert ctx.net.layout.directory().forces[case.at].relay_address is not None, "the corpus network has links"
+    ctx.via = "link"
     _check_case(ctx, case)
 
 

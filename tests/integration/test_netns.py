@@ -108,16 +108,16 @@ class Namespaces:
 
 
 def _rewrite(layout: Any) -> None:
-    """Peer addresses in the directory, and listeners in the configs, on the namespaces' addresses."""
+    """Peer and relay addresses in the directory, and listeners in the configs, on the namespaces' addresses."""
     directory = layout.directory_path.read_text()
     for force in FORCES:
-        port = layout.ports[force].peer
-        directory, n = re.subn(rf'"127\.0\.0\.1:{port}"', f'"{ADDRESS[force]}:{port}"', directory)
-        assert n == 1, force
+        for port in (layout.ports[force].peer, layout.ports[force].relay):
+            directory, n = re.subn(rf'"127\.0\.0\.1:{port}"', f'"{ADDRESS[force]}:{port}"', directory)
+            assert n == 1, force
     layout.directory_path.write_text(directory)
     for force, path in layout.configs.items():
         text = path.read_text()
-        for port in (layout.ports[force].local, layout.ports[force].peer):
+        for port in (layout.ports[force].local, layout.ports[force].peer, layout.ports[force].relay):
             text = text.replace(f'"127.0.0.1:{port}"', f'"{ADDRESS[force]}:{port}"')
         # Short deadlines and a quick breaker, so that a cut shows within the test's time.
         text += "\n[limits]\nmax_deadline_seconds = 10\ndefault_deadline_seconds = 10\npeer_cooldown_seconds = 1\n"

@@ -36,7 +36,8 @@ SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
 
 @pytest.fixture(scope="module")
 def mnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
-    net = NetworkThread(tmp_path_factory.mktemp("mux-net"))
+    # Relay channels over gRPC (`Relay/Mux`): no relay listeners (relay links: test_relay_links.py).
+    net = NetworkThread(tmp_path_factory.mktemp("mux-net"), relay_links=False)
     append_config(net, LIFTED_RATE_LIMITS)
     net.start()
     yield net
@@ -66,7 +67,11 @@ def test_relayed_unary_calls_travel_over_relay_channels_and_each_is_recorded_at_
     assert mux is not None
     assert 1 <= mux.streams(TV) <= origin_gateway.config.limits.peer_channels
     # What operators see: the channels in /healthz and /metrics.
-    assert origin_gateway.health()["relay_channels"][TV] == {"open": mux.streams(TV), "by_unary_rpc": False}
+    assert origin_gateway.health()["relay_channels"][TV] == {
+        "open": mux.streams(TV),
+        "by_unary_rpc": False,
+        "transport": "grpc",
+    }
     exposed = origin_gateway.registry.expose().decode()
     [value] = re.findall(rf'^psngw_relay_channels_open\{{force="{TV}"\}} (\S+)$', exposed, re.MULTILINE)
     assert float(value) == mux.streams(TV)
@@ -180,8 +185,10 @@ def test_an_origin_falls_back_to_unary_rpcs_when_its_peer_has_no_relay_channels(
     assert mux is not None
     mnet.run(mux.close())  # the next call opens a new channel, which the host now refuses
     monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off")
-    with mnet.officer_channel(HANTS, officer=_officer()) as channel:
-        assert [search(channel)[0] for _ in range(3)] == [grpc.StatusCode.OK] * 3
+    # Many at once: calls still queued on the channel when the host refuses it were not delivered either.
+    with mnet.officer_channel(HANTS, officer=_officer()) as channel, ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda _: search(channel)[0], range(48)))
+    assert outcomes == [grpc.StatusCode.OK] * 48
     assert not mux.supports(TV)
     assert origin.health()["relay_channels"][TV]["by_unary_rpc"] is True
     assert origin.relay.breaker(TV).state.name == "CLOSED"

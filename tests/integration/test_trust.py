@@ -9,10 +9,6 @@ watcher (`Gateway._watch` -> `Gateway.reload`).
 Tests run in file order and leave the network serving: a test that breaks a
 force's material repairs it before it ends.
 
-Three tests are strict xfails, each a known defect that is not this module's to
-fix (see the marker's reason): when it is fixed the test passes, strict xfail
-turns that into a failure, and the marker comes off.
-
 Imposters refused by the TLS handshake never reach the gateway's code; their
 log line is grpc core's, on stderr, at INFO: it is checked unless
 GRPC_VERBOSITY silences it.
@@ -40,7 +36,7 @@ from gateway import pki
 from gateway.envelope import CONTEXT_ENVELOPE, check_signature
 from gateway.errors import Unauthenticated
 from gateway.identity import Usage
-from gateway.server import Gateway
+from gateway.server import LINK_METHOD, Gateway
 from tests.certcases import load_testcases
 from tests.integration._trust_helpers import (
     CRL_GRACE,
@@ -319,9 +315,9 @@ def test_revoking_a_peer_gateway_tls_certificate_refuses_its_relays_until_it_has
         assert search(bystander) == (OK, "")  # other forces still relay to the same host
         [refusal, *_] = records_since(tnet, host, since, status="UNAUTHENTICATED")
         assert refusal.refusal_stage == "peer-identity" and "certificate is revoked" in refusal.refusal_reason
-        # Refused on the relay channel that was already open: peer identity is checked per call, not per stream.
-        assert refusal.method == "/psn.gateway.v1.Relay/Mux"
-        assert any("refused /psn.gateway.v1.Relay/Mux at peer-identity" in line for line in _server_logs(caplog))
+        # Refused on the relay link that was already open: peer identity is checked per call, not per link.
+        assert refusal.method == LINK_METHOD
+        assert any(f"refused {LINK_METHOD} at peer-identity" in line for line in _server_logs(caplog))
         # The operator issues a new certificate: the gateway picks it up, relays work again.
         fresh = reissue(material, pki.CertKind.GATEWAY_TLS)
         wait_for(lambda: search(ch) == (OK, ""), f"{origin}'s new certificate to be used", timeout=PROPAGATION)
@@ -352,12 +348,6 @@ def test_revoking_a_gateway_signing_certificate_refuses_what_it_signs(
         assert search(out) == (OK, "") and custody(into) == (OK, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: grpcio's channel credentials have no verify callback and no CRL, so the origin gateway "
-    "does not check the host's TLS server certificate against the host force's CRL (the response seal, "
-    "by the separate signing key, is checked; the request has been sent by then)",
-)
 def test_relays_to_a_force_whose_gateway_tls_certificate_is_revoked_are_refused(tnet: NetworkThread) -> None:
     host = "hampshire"
     material = tnet.layout.material[host]
@@ -369,13 +359,23 @@ def test_relays_to_a_force_whose_gateway_tls_certificate_is_revoked_are_refused(
             "the origin to load the host's CRL",
             timeout=PROPAGATION,
         )
-        with tnet.officer_channel("thames-valley") as ch:
-            assert custody(ch)[0] is not OK
+        # Over a relay link the origin checks the host's TLS certificate against the host force's CRL, at
+        # connect and before every call: the request is never sent (a gRPC channel has no such hook).
+        since = time.time()
+        with tnet.officer_channel("thames-valley", officer="DC-REVOKED-HOST") as ch:
+            assert custody(ch) == (UNAVAILABLE, "unavailable")
+        [refused] = records_since(tnet, "thames-valley", since, officer="DC-REVOKED-HOST")
+        assert refused.status == "UNAVAILABLE" and "certificate is revoked" in refused.refusal_reason
+        assert "TLS certificate is refused" in refused.refusal_reason
+        assert not records_since(tnet, host, since, officer="DC-REVOKED-HOST")  # nothing reached the host
     finally:
         fresh = reissue(material, pki.CertKind.GATEWAY_TLS)
         wait_for(lambda: _serves(tnet, host) == fresh.fingerprint, "the host's new certificate", timeout=PROPAGATION)
         with tnet.officer_channel(host) as ch:
             wait_for(lambda: search(ch) == (OK, ""), f"{host}'s relays to work again", timeout=PROPAGATION)
+        # The origin's links still hold the revoked certificate: the next call replaces its link and goes through.
+        with tnet.officer_channel("thames-valley") as ch:
+            assert custody(ch) == (OK, "")
 
 
 # -- 3. stale CRL ----------------------------------------------------------------------------

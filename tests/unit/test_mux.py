@@ -22,7 +22,7 @@ from gateway.mux import MuxHost
 
 
 class FakeStream:
-    """A servicer context: `read` takes from a queue, `write` collects."""
+    """A channel: `read` takes from a queue (None: the origin closed it), `write` collects."""
 
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[Any] = asyncio.Queue()
@@ -55,7 +55,8 @@ def _host(
     stream: FakeStream, handle: Any, *, max_in_flight: int = 100, draining: asyncio.Event | None = None
 ) -> MuxHost:
     return MuxHost(
-        stream,  # type: ignore[arg-type]  # the fake has the two methods MuxHost uses
+        stream.read,
+        stream.write,
         handle=handle,
         refuse=_refuse,
         max_in_flight=max_in_flight,
@@ -72,7 +73,7 @@ def test_every_request_is_answered_once_under_its_id_and_ready_answers_share_a_b
 
         stream.send(*range(1, 21))
         stream.send(21, 22)
-        stream.incoming.put_nowait(grpc.aio.EOF)
+        stream.incoming.put_nowait(None)
         await _host(stream, handle).serve()
         return stream
 
@@ -95,7 +96,7 @@ def test_calls_over_the_in_flight_cap_are_refused_through_refuse_not_dropped() -
         host = asyncio.ensure_future(_host(stream, handle, max_in_flight=3).serve())
         await asyncio.sleep(0.05)
         release.set()
-        stream.incoming.put_nowait(grpc.aio.EOF)
+        stream.incoming.put_nowait(None)
         await host
         return stream
 
@@ -125,7 +126,7 @@ def test_a_cancellation_reaches_the_running_call() -> None:
         await asyncio.sleep(0.02)
         stream.send(cancels=(9,))
         await asyncio.sleep(0.02)
-        stream.incoming.put_nowait(grpc.aio.EOF)
+        stream.incoming.put_nowait(None)
         await asyncio.wait_for(host, 5)
         return stream
 
@@ -199,9 +200,10 @@ def test_a_refusal_still_being_recorded_when_the_origin_closes_is_answered_befor
             return await _refuse(request, exc)
 
         stream.send(1, 1)  # the second is a duplicate id while the first is in flight
-        stream.incoming.put_nowait(grpc.aio.EOF)
+        stream.incoming.put_nowait(None)
         host = MuxHost(
-            stream,  # type: ignore[arg-type]  # the fake has the two methods MuxHost uses
+            stream.read,
+            stream.write,
             handle=handle,
             refuse=slow_refuse,
             max_in_flight=10,

@@ -1,0 +1,486 @@
+"""Relay links (gateway.relaylink): relay channels over a plain mutual-TLS connection, without gRPC.
+
+What must hold: relayed unary calls travel over relay links (not `Relay/Mux`, not `Relay/Unary`),
+each call on a link signed, verified, decided and recorded on its own at both ends; only another
+force's gateway opens a link (anything else is refused at the opening, and recorded); a client
+without the relay ALPN, on TLS 1.2, or without a certificate gets no further than the handshake;
+an oversized or unparseable frame ends the link with a recorded INVALID_ARGUMENT; a hostile request
+on a link is refused and recorded without harming the calls beside it; the origin never sends a
+call to a listener whose certificate is not the host's gateway's; and a host that stops lets the
+calls in flight on its links finish, then ends the links. After every refusal the gateway serves on.
+(The hostile-envelope corpus also runs every unary relay case over a relay link: test_corpus.py;
+revocation of a link host's certificate: test_trust.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import secrets
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway import pki
+from gateway import server as server_module
+from gateway._proto.psn.demo.intel.v1 import intel_pb2
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.errors import GatewayError, Unavailable
+from gateway.relaylink import FRAME_OVERHEAD, RelayLinkListener, TlsLink, server_context
+from gateway.server import LINK_METHOD, Gateway
+from gateway.tls import KeyPair
+from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config, still_serving
+from tests.integration._hostile_peer import RawPeer, Unframed
+from tests.netharness import NetworkThread, records_since, search, wait_for
+
+pytestmark = pytest.mark.integration
+
+TV, HANTS, SURREY = "thames-valley", "hampshire", "surrey"
+SEARCH = "/psn.demo.intel.v1.IntelligenceSearch/Search"
+SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def lnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
+    # Every force has a relay listener and a directory relay_address: gateways relay to each other by links.
+    net = NetworkThread(tmp_path_factory.mktemp("link-net"), relay_links=True)
+    append_config(net, LIFTED_RATE_LIMITS)
+    net.start()
+    yield net
+    net.stop()
+
+
+def _gateway(net: NetworkThread, force: str) -> Gateway:
+    return net.network.gateways[force]
+
+
+def _officer() -> str:
+    return f"DC-{secrets.token_hex(5)}"
+
+
+def _batch(*requests: tuple[int, relay_pb2.Signed, bytes]) -> bytes:
+    """One serialized `MuxBatch` carrying these unary relay requests."""
+    return relay_pb2.MuxBatch(
+        requests=[
+            relay_pb2.MuxRequest(id=i, request=relay_pb2.UnaryRelayRequest(envelope=signed, message=message))
+            for i, signed, message in requests
+        ]
+    ).SerializeToString()
+
+
+def _good_frame(peer: RawPeer, officer: str) -> bytes:
+    """A frame with one request the host would answer OK (if the link got that far)."""
+    return _batch((1, peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=officer)), SEARCH_MSG))
+
+
+def _link_refusals(net: NetworkThread, since: float) -> list[Any]:
+    return [r for r in records_since(net, TV, since) if r.method == LINK_METHOD]
+
+
+def _shape(rows: list[Any]) -> list[tuple[str, str, str, str]]:
+    return [(r.method, r.status, r.refusal_stage, r.refusal_reason) for r in rows]
+
+
+# -- the calls travel over links ------------------------------------------------------------------
+
+
+def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_both_ends(
+    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With Relay/Unary and Relay/Mux both switched off at every gateway, only relay links can carry a call:
+    # an origin that tried Relay/Mux would fall back to Relay/Unary and fail.
+    monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
+    monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
+    officer = _officer()
+    since = time.time()
+    with lnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda _: search(channel), range(48)))
+    assert all(code is grpc.StatusCode.OK for code, _ in outcomes), outcomes
+    origin_gateway = _gateway(lnet, SURREY)
+    mux = origin_gateway.relay.mux
+    assert mux is not None
+    assert mux.transport(TV) == "link" and mux.supports(TV)
+    assert 1 <= mux.streams(TV) <= origin_gateway.config.limits.peer_channels
+    pipes = [s.pipe for (host, _), s in mux._streams.items() if host == TV and s.closed is None]
+    assert pipes and all(isinstance(p, TlsLink) for p in pipes), pipes
+    # The host served them on its relay listener.
+    listener = _gateway(lnet, TV)._relay_listener
+    assert listener is not None and len(listener._links) >= mux.streams(TV)
+    # What operators see: the links in /healthz and /metrics.
+    assert origin_gateway.health()["relay_channels"][TV] == {
+        "open": mux.streams(TV),
+        "by_unary_rpc": False,
+        "transport": "link",
+    }
+    exposed = origin_gateway.registry.expose().decode()
+    [value] = re.findall(rf'^psngw_relay_channels_open\{{force="{TV}"\}} (\S+)$', exposed, re.MULTILINE)
+    assert float(value) == mux.streams(TV) >= 1
+
+    origin = [r for r in records_since(lnet, SURREY, since) if r.officer_id == officer]
+    host = [r for r in records_since(lnet, TV, since) if r.officer_id == officer]
+    assert len(origin) == len(host) == 48
+    assert {r.request_id for r in origin} == {r.request_id for r in host}
+    assert all(r.status == "OK" and r.method == SEARCH for r in origin + host)
+    assert all(r.peer == f"spiffe://{SURREY}.se.psn/gateway" for r in host), {r.peer for r in host}
+    # Each call's own envelope and seal signatures, at both ends: nothing is shared between calls.
+    assert len({r.envelope_signature for r in host}) == len({r.seal_signature for r in host}) == 48
+    assert {r.envelope_signature for r in host} == {r.envelope_signature for r in origin}
+    assert {r.seal_signature for r in host} == {r.seal_signature for r in origin}
+
+
+# -- who may open a link --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("who", "reason"),
+    [
+        ("an application client certificate", "is not a gateway"),
+        ("the host force's own gateway certificate", "this force's own gateway"),
+    ],
+)
+def test_a_peer_that_is_not_another_forces_gateway_is_refused_at_link_open(
+    lnet: NetworkThread, who: str, reason: str
+) -> None:
+    if who.startswith("an application"):
+        app = lnet.layout.material[SURREY].app_clients["analyst-desk"]
+        peer, cert = RawPeer(lnet, SURREY, TV), (app.cert_path, app.key_path)
+    else:
+        peer, cert = RawPeer(lnet, SURREY, TV, tls_of=TV), None
+    officer = _officer()
+    since = time.time()
+    try:
+        end, answers = peer.link_raw([_good_frame(peer, officer)], cert=cert)
+    finally:
+        peer.close()
+    # The handshake succeeds (the certificate is from a network CA); the gateway then ends the link unanswered.
+    assert end.alpn == "psngw-relay/1" and end.closed_by_host and answers == [], (end, answers)
+    rows = records_since(lnet, TV, since)
+    assert [(r.method, r.status, r.refusal_stage) for r in rows] == [(LINK_METHOD, "UNAUTHENTICATED", "peer-identity")]
+    assert reason in rows[0].refusal_reason, _shape(rows)
+    assert not [r for r in rows if r.officer_id == officer], "the request on a refused link never ran"
+    still_serving(lnet, TV)
+
+
+def test_a_gateway_posing_on_a_link_as_another_force_is_refused_per_call(lnet: NetworkThread) -> None:
+    # Hampshire's gateway TLS certificate opens the link (it is a gateway), but the envelope is surrey's.
+    peer = RawPeer(lnet, SURREY, TV, tls_of=HANTS)
+    officer = _officer()
+    since = time.time()
+    try:
+        answers = peer.link((1, peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=officer)), SEARCH_MSG))
+    finally:
+        peer.close()
+    assert answers[1].code is grpc.StatusCode.UNAUTHENTICATED, answers[1]
+    rows = records_since(lnet, TV, since)
+    assert len(rows) == 1 and rows[0].refusal_stage == "envelope", _shape(rows)
+    assert rows[0].peer == f"spiffe://{HANTS}.se.psn/gateway" and f"spiffe://{HANTS}" in rows[0].refusal_reason
+
+
+@pytest.mark.parametrize(
+    ("what", "kwargs", "ends"),
+    [
+        ("no ALPN", {"alpn": ()}, ("eof", "reset")),
+        ("another ALPN", {"alpn": ("h2",)}, ("eof", "reset")),
+        ("TLS 1.2", {"tls_version": ssl.TLSVersion.TLSv1_2}, ("handshake",)),
+        ("no client certificate", {"anonymous": True}, ("handshake", "eof", "reset")),
+    ],
+)
+def test_a_client_without_the_relay_protocol_tls_13_or_a_certificate_gets_no_answer(
+    lnet: NetworkThread, what: str, kwargs: dict[str, Any], ends: tuple[str, ...]
+) -> None:
+    peer = RawPeer(lnet, SURREY, TV)
+    officer = _officer()
+    since = time.time()
+    try:
+        # A good request: had the connection been served, it would have been answered OK.
+        end, answers = peer.link_raw([_good_frame(peer, officer)], **kwargs)
+    finally:
+        peer.close()
+    assert end.how in ends and answers == [], (what, end, answers)
+    assert end.alpn != "psngw-relay/1" or what == "no client certificate", end
+    if what == "TLS 1.2":
+        assert end.version is None, end  # no TLS 1.2 connection was ever made
+    # Refused by TLS or before the gateway: logged, not recorded (as on the gRPC listeners).
+    assert records_since(lnet, TV, since) == [], _shape(records_since(lnet, TV, since))
+    still_serving(lnet, TV)
+
+
+# -- frames that end a link -----------------------------------------------------------------------
+
+
+def _over_the_limit(net: NetworkThread) -> list[bytes]:
+    limit = _gateway(net, TV).config.limits.max_message_bytes + FRAME_OVERHEAD
+    return [Unframed(struct.pack(">I", limit + 1))]  # the header alone: the host must not wait for the body
+
+
+@pytest.mark.parametrize(
+    ("what", "reason"),
+    [
+        ("a length header over the limit", "over the limit"),
+        ("a frame that does not parse", "does not parse"),
+        ("a frame of more than 128 requests", "more than 128 items"),
+    ],
+)
+def test_a_bad_frame_ends_the_link_with_a_recorded_refusal_and_the_gateway_serves_on(
+    lnet: NetworkThread, what: str, reason: str
+) -> None:
+    peer = RawPeer(lnet, SURREY, TV)
+    frames: list[bytes]
+    if what.startswith("a length header"):
+        frames = _over_the_limit(lnet)
+    elif what.startswith("a frame that does not"):
+        frames = [b"\xff\xff\xff\xff"]
+    else:
+        frames = [relay_pb2.MuxBatch(requests=[relay_pb2.MuxRequest(id=i) for i in range(129)]).SerializeToString()]
+    since = time.time()
+    try:
+        end, answers = peer.link_raw(frames, timeout=5)
+    finally:
+        peer.close()
+    assert end.closed_by_host and answers == [], (end, answers)
+    rows = records_since(lnet, TV, since)
+    assert [(r.method, r.status) for r in rows] == [(LINK_METHOD, "INVALID_ARGUMENT")], _shape(rows)
+    assert reason in rows[0].refusal_reason and rows[0].peer == f"spiffe://{SURREY}.se.psn/gateway", _shape(rows)
+    still_serving(lnet, TV)
+
+
+def test_a_link_that_breaks_inside_a_frame_is_logged_not_recorded(lnet: NetworkThread) -> None:
+    listener = _gateway(lnet, TV)._relay_listener
+    assert listener is not None
+    open_before = len(listener._links)
+    peer = RawPeer(lnet, SURREY, TV)
+    since = time.time()
+    try:
+        # Half a frame, then the peer closes (expect=0): a connection that broke, not a refusal of anything.
+        end, answers = peer.link_raw([Unframed(struct.pack(">I", 100) + b"abc")], expect=0)
+    finally:
+        peer.close()
+    assert end.how == "done" and answers == [], end
+    wait_for(lambda: len(listener._links) <= open_before, "the host to end the broken link", timeout=5)
+    assert records_since(lnet, TV, since) == [], _shape(records_since(lnet, TV, since))
+    still_serving(lnet, TV)
+
+
+# -- hostile requests on a link -------------------------------------------------------------------
+
+
+def test_a_hostile_request_on_a_link_is_refused_and_recorded_and_its_neighbours_are_answered(
+    lnet: NetworkThread,
+) -> None:
+    peer = RawPeer(lnet, SURREY, TV)
+    try:
+        good = [peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2)]
+        forged = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        forged.signature = bytes([forged.signature[0] ^ 1]) + forged.signature[1:]
+        since = time.time()
+        answers = peer.link((1, good[0], SEARCH_MSG), (2, forged, SEARCH_MSG), (3, good[1], SEARCH_MSG))
+        assert answers[1].status == answers[3].status == "OK", answers
+        assert answers[2].code is grpc.StatusCode.UNAUTHENTICATED, answers[2]
+        assert "verify" not in answers[2].details  # the caller sees the class, not the reason
+        rows = records_since(lnet, TV, since)
+        refused = [r for r in rows if r.status == "UNAUTHENTICATED"]
+        assert len(refused) == 1, _shape(rows)
+        assert refused[0].refusal_stage == "envelope" and "does not verify" in refused[0].refusal_reason
+        assert refused[0].method == LINK_METHOD  # refused before its envelope verified: the link's method
+        assert sorted(r.status for r in rows) == ["OK", "OK", "UNAUTHENTICATED"], _shape(rows)
+    finally:
+        peer.close()
+    still_serving(lnet, TV)
+
+
+def test_a_replayed_request_on_a_link_is_refused(lnet: NetworkThread) -> None:
+    peer = RawPeer(lnet, SURREY, TV)
+    try:
+        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        assert peer.unary(signed, SEARCH_MSG, via="link").status == "OK"
+        since = time.time()
+        again = peer.unary(signed, SEARCH_MSG, via="link")  # a second link: the replay store is the gateway's
+        assert again.code is grpc.StatusCode.UNAUTHENTICATED, again
+        # Replayed on the same link as the original: refused too.
+        fresh = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        end, answers = peer.link_raw([_batch((1, fresh, SEARCH_MSG)), _batch((2, fresh, SEARCH_MSG))], expect=2)
+        assert end.how == "done", end
+        # Whichever of the two runs first is answered; the other is a replay.
+        codes = sorted(a.refusal.code if a.HasField("refusal") else 0 for a in answers)
+        assert codes == [0, grpc.StatusCode.UNAUTHENTICATED.value[0]], answers
+    finally:
+        peer.close()
+    replays = [r for r in records_since(lnet, TV, since) if "replayed request id" in r.refusal_reason]
+    assert len(replays) == 2, _shape(records_since(lnet, TV, since))
+
+
+def test_a_request_id_already_in_flight_on_a_link_is_refused(lnet: NetworkThread) -> None:
+    peer = RawPeer(lnet, SURREY, TV)
+    try:
+        first, second = (peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2))
+        since = time.time()
+        end, answers = peer.link_raw([_batch((7, first, SEARCH_MSG), (7, second, SEARCH_MSG))], expect=2)
+    finally:
+        peer.close()
+    assert end.how == "done", end
+    codes = sorted(a.refusal.code if a.HasField("refusal") else 0 for a in answers)
+    assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]], answers
+    refused = [r for r in records_since(lnet, TV, since) if r.status == "INVALID_ARGUMENT"]
+    assert len(refused) == 1 and "already in flight" in refused[0].refusal_reason, _shape(refused)
+
+
+# -- the origin checks the host -------------------------------------------------------------------
+
+
+def _impostor_material(net: NetworkThread, tmp: Path) -> KeyPair:
+    """A certificate from the host force's own CA, with its gateway's DNS name, but an application's identity."""
+    material = net.layout.material[TV]
+    force = net.layout.directory().forces[TV]
+    ca = x509.load_pem_x509_certificate(material.ca.read_bytes())
+    ca_key: Any = serialization.load_pem_private_key(material.ca_key.read_bytes(), password=None)
+    profile = pki.leaf_profile(
+        pki.CertKind.APP_SERVER,
+        trust_domain=force.trust_domain,
+        display_name="Thames Valley Police",
+        app="intel-search",
+        dns_names=(force.gateway_server_name,),
+    )
+    key = pki.generate_key()
+    now = ca.not_valid_before_utc
+    cert = pki.build_certificate(
+        profile,
+        public_key=key.public_key(),
+        issuer=ca,
+        issuer_key=ca_key,
+        not_before=now,
+        not_after=ca.not_valid_after_utc,
+    )
+    cert_path, key_path = tmp / "impostor.pem", tmp / "impostor.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return KeyPair.load(cert_path, key_path)
+
+
+def test_the_origin_sends_nothing_over_a_link_whose_host_is_not_that_forces_gateway(
+    lnet: NetworkThread, tmp_path: Path
+) -> None:
+    origin = _gateway(lnet, SURREY)
+    mux = origin.relay.mux
+    assert mux is not None
+    real_target = mux._targets[TV]
+    # The origin's side of the handshake: TLS 1.3 only, the host force's CA only, the gateway's name checked.
+    context = real_target.context
+    assert context.minimum_version is context.maximum_version is ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    tv_ca = x509.load_pem_x509_certificate(lnet.layout.material[TV].ca.read_bytes())
+    assert [ssl.DER_cert_to_PEM_cert(c) for c in context.get_ca_certs(binary_form=True)] == [
+        tv_ca.public_bytes(serialization.Encoding.PEM).decode()
+    ]
+    assert real_target.server_name == f"gateway.{TV}.se.psn"
+    roots = b"".join(lnet.layout.material[f].ca.read_bytes() for f in lnet.layout.material)
+    hants_tls = lnet.layout.material[HANTS].gateway_tls
+    impostors = {
+        # passes the CA pin, the host name and the trust store (serverAuth, unrevoked): only the identity differs
+        "an application of the host force with the gateway's name": _impostor_material(lnet, tmp_path),
+        "another force's real gateway": KeyPair.load(hants_tls.cert_path, hants_tls.key_path),
+    }
+    received: list[bytes] = []
+
+    async def swallow(_cert: bytes, reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        try:
+            received.append(await reader.read())
+        except (OSError, ConnectionError):
+            received.append(b"")
+
+    async def attempt(keypair: KeyPair | None) -> str:
+        listener = None
+        target = real_target
+        if keypair is not None:
+            context = server_context(keypair, roots)
+            listener = RelayLinkListener("127.0.0.1:0", context=lambda: context, handle=swallow, reuse_port=False)
+            target = dataclasses.replace(real_target, address=f"127.0.0.1:{await listener.start()}")
+        link = TlsLink(TV, target, check=partial(origin._check_link_host, TV), max_frame=1 << 20)
+        try:
+            await link.write(relay_pb2.MuxBatch())  # an empty batch: nothing for a real host to answer
+        except Unavailable as exc:
+            return exc.reason
+        finally:
+            link.abort()
+            if listener is not None:
+                await listener.stop(5)
+        return "written"
+
+    # The control: the same target at the real host's address carries frames.
+    assert lnet.run(attempt(None)) == "written"
+    for what, keypair in impostors.items():
+        reason = lnet.run(attempt(keypair))
+        assert reason != "written", what
+        if what.startswith("an application"):
+            assert "the host's TLS certificate is refused" in reason and "/app/intel-search" in reason, reason
+    assert all(data == b"" for data in received), received  # no frame ever reached an impostor
+
+    # The check itself, on the running gateway: the host's own gateway certificate only.
+    def der(path: Path) -> bytes:
+        return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+    origin._check_link_host(TV, der(lnet.layout.material[TV].gateway_tls.cert_path))
+    for cert in (
+        lnet.layout.material[HANTS].gateway_tls.cert_path,
+        lnet.layout.material[TV].app_clients["analyst-desk"].cert_path,
+        tmp_path / "impostor.pem",
+    ):
+        with pytest.raises(GatewayError):
+            origin._check_link_host(TV, der(cert))
+
+
+# -- stopping ---------------------------------------------------------------------------------------
+
+
+def test_a_host_that_stops_finishes_the_calls_on_its_links_then_ends_them_and_the_origin_drops_them(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    net = NetworkThread(tmp_path_factory.mktemp("link-stop-net")).start()
+    try:
+        mux = _gateway(net, SURREY).relay.mux
+        assert mux is not None and mux.transport(TV) == "link"
+        host = _gateway(net, TV)
+        with net.officer_channel(SURREY, officer=_officer()) as channel:
+            assert search(channel)[0] is grpc.StatusCode.OK
+        assert mux.streams(TV) >= 1
+
+        # Hold the next call at the host, after it was admitted and before its application answers.
+        entered = threading.Event()
+        gate = asyncio.Event()
+        forward = host.forward_unary
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await gate.wait()
+            return await forward(*args, **kwargs)
+
+        host.forward_unary = held  # type: ignore[method-assign]
+        officer = _officer()
+        with net.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(search, channel)
+            assert entered.wait(10), "the call never reached the host"
+            # A grace far longer than the test: an open link must not hold the stop for it.
+            stopping = asyncio.run_coroutine_threadsafe(host.stop(grace=120), net.loop)
+            wait_for(host._draining.is_set, "the host to start draining", timeout=5)
+            assert not in_flight.done() and mux.streams(TV) >= 1  # the drain waits for the call on the link
+            net.loop.call_soon_threadsafe(gate.set)
+            assert in_flight.result(10) == (grpc.StatusCode.OK, "")
+            stopping.result(20)
+        wait_for(lambda: mux.streams(TV) == 0, "the origin to drop the ended relay links", timeout=5)
+        for force in (SURREY, TV):  # the call that finished during the drain is recorded at both ends
+            assert [r.status for r in records_since(net, force, 0) if r.officer_id == officer] == ["OK"], force
+    finally:
+        net.stop()
