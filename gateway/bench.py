@@ -141,7 +141,7 @@ TARGETS: dict[str, str] = {
     "direct": "direct mTLS to the backend",
     "gateway-1": "one gateway (own force's app)",
     "gateway-2": "two gateways (other force's app)",
-    "gateway-2-rpc": "two gateways, a Relay/Unary RPC per call",
+    "gateway-2-grpc": "two gateways, relay channels over gRPC (Relay/Mux)",
     "pyproxy-1": "one transparent Python aio proxy",
     "pyproxy-2": "two transparent Python aio proxies",
     "nginx-1": "one nginx mTLS proxy",
@@ -276,6 +276,8 @@ _STAGE_OF_MODULE: tuple[tuple[str, str], ...] = (
     ("/gateway/pipeline.py", "pipeline (route, deadline)"),
     ("/gateway/logs.py", "operator log"),
     ("/gateway/relay.py", "relay"),
+    ("/gateway/relaylink.py", "relay"),
+    ("/gateway/mux.py", "relay"),
     ("/gateway/forward.py", "forward"),
     ("/gateway/tls.py", "channels"),
     ("/gateway/server.py", "edge"),
@@ -1403,7 +1405,7 @@ class _Bench:
         self.layout: NetworkLayout | None = None
         self.caller = ""
         self.host = ""
-        #: the force whose gateway relays by one RPC per call (the gateway-2-rpc route's origin)
+        #: the force whose gateway relays over gRPC `Relay/Mux`, not relay links (the gateway-2-grpc route's origin)
         self.third = ""
         self.rate_limits = "as configured"
 
@@ -1425,8 +1427,13 @@ class _Bench:
                 # Several connections to each peer, so that SO_REUSEPORT spreads them over the workers.
                 limits.append(f"peer_channels = {4 * self.options.workers}")
             if force == self.third:
-                # The third force's gateway relays as before relay channels: the gateway-2-rpc route.
-                limits.append("relay_channels = false")
+                # The third force's gateway relays as before relay links (its directory has no relay
+                # addresses): the gateway-2-grpc route.
+                grpc_only = layout.directory_path.with_name("directory-grpc.toml")
+                text = layout.directory_path.read_text()
+                grpc_only.write_text(re.sub(r"(?m)^relay_address = .*\n", "", text))
+                config = path.read_text().replace('directory = "directory.toml"', f'directory = "{grpc_only.name}"')
+                path.write_text(config)
             if limits:
                 path.write_text(path.read_text() + "\n[limits]\n" + "\n".join(limits) + "\n")
         self._start_backends(layout)
@@ -1614,9 +1621,9 @@ class _Bench:
 
         third = self.third
         third_client = layout.material[third].app_clients["analyst-desk"]
-        self.routes["gateway-2-rpc"] = _Route(
-            "gateway-2-rpc",
-            f"analyst-desk@{third} -> gateway {third} -> gateway {host} -> {echo_host}, one Relay/Unary RPC a call",
+        self.routes["gateway-2-grpc"] = _Route(
+            "gateway-2-grpc",
+            f"analyst-desk@{third} -> gateway {third} -> gateway {host} -> {echo_host}, relay channels over gRPC",
             layout.local_address(third),
             directory.forces[third].gateway_server_name,
             layout.material[third].ca,

@@ -76,6 +76,9 @@ class MuxPipe(Protocol):
     async def write(self, batch: relay_pb2.MuxBatch) -> None:
         """Send one batch to the host."""
 
+    def send_now(self, batch: relay_pb2.MuxBatch) -> bool:
+        """Send one batch at once if that cannot block; False if it must go by `write`."""
+
     def abort(self) -> None:
         """Close the channel now."""
 
@@ -116,6 +119,10 @@ class GrpcPipe:
                 if code is grpc.StatusCode.UNIMPLEMENTED:
                     raise MuxUnsupported(f"relay channel refused: UNIMPLEMENTED: {await self._rpc.details()}")
         await self._rpc.write(batch)
+
+    def send_now(self, _batch: relay_pb2.MuxBatch) -> bool:
+        """Never: a grpc.aio write is always awaited."""
+        return False
 
     def abort(self) -> None:
         """Cancel the RPC."""
@@ -162,8 +169,12 @@ class _ClientStream:
         call_id = next(self._ids)
         future: asyncio.Future[relay_pb2.MuxResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._outbox.append(relay_pb2.MuxRequest(id=call_id, request=request))
-        self._wake.set()
+        item = relay_pb2.MuxRequest(id=call_id, request=request)
+        # Straight out when nothing waits before it and the pipe can take it now (a relay link whose
+        # buffer has room): one loop turn less for the call (about 0.1 ms unloaded); else by the writer.
+        if self._outbox or not self.pipe.send_now(relay_pb2.MuxBatch(requests=[item])):
+            self._outbox.append(item)
+            self._wake.set()
         try:
             if timeout is None:
                 return await future
@@ -423,6 +434,7 @@ class MuxHost:
         read: Callable[[], Awaitable[bytes | None]],
         write: Callable[[relay_pb2.MuxBatch], Awaitable[None]],
         *,
+        send_now: Callable[[relay_pb2.MuxBatch], bool] | None = None,
         handle: MuxHandler,
         refuse: Callable[[relay_pb2.MuxRequest, InvalidArgument | Unavailable], Awaitable[relay_pb2.MuxResponse]],
         max_in_flight: int,
@@ -430,6 +442,7 @@ class MuxHost:
     ) -> None:
         self._read = read
         self._write = write
+        self._send_now = send_now
         self._handle = handle
         self._refuse = refuse
         self._max = max_in_flight
@@ -517,8 +530,13 @@ class MuxHost:
         self._running.pop(call_id, None)
 
     async def _answer(self, answer: Awaitable[relay_pb2.MuxResponse]) -> None:
-        self._answers.append(await answer)
-        self._wake.set()
+        ready = await answer
+        # Alone on the channel: straight out (a loop turn less). With company: by the writer, which packs
+        # the answers a group commit settles together into one message.
+        send_now = self._send_now if len(self._running) <= 1 and not self._answers else None
+        if send_now is None or not send_now(relay_pb2.MuxBatch(responses=[ready])):
+            self._answers.append(ready)
+            self._wake.set()
 
     async def _write_loop(self) -> None:
         try:

@@ -67,6 +67,9 @@ HANDSHAKE_SECONDS = 10.0
 #: Room above the message limit for a frame's envelopes, seals and ids.
 FRAME_OVERHEAD = 64 * 1024
 
+#: Bytes queued on a link past which frames wait for the connection to drain.
+SEND_BUFFER = 256 * 1024
+
 
 def _context(purpose: ssl.Purpose, keypair: KeyPair, roots_pem: bytes) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
@@ -99,6 +102,15 @@ def write_frame(writer: asyncio.StreamWriter, batch: relay_pb2.MuxBatch) -> None
     """Queue one batch as a frame (the caller drains when it wants back-pressure)."""
     body = batch.SerializeToString()
     writer.write(_HEADER.pack(len(body)) + body)
+
+
+def send_now(writer: asyncio.StreamWriter, batch: relay_pb2.MuxBatch) -> bool:
+    """Queue one batch as a frame if the connection is open and below its send buffer's high-water mark."""
+    transport = writer.transport
+    if transport.is_closing() or transport.get_write_buffer_size() >= SEND_BUFFER:
+        return False
+    write_frame(writer, batch)
+    return True
 
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
@@ -203,6 +215,10 @@ class TlsLink:
             raise Unavailable(
                 f"relay link to {self.host}: the host's TLS certificate is refused: {exc.reason}"
             ) from exc
+
+    def send_now(self, batch: relay_pb2.MuxBatch) -> bool:
+        """Write the frame now if the link is open and its send buffer has room."""
+        return self.ready and self._writer is not None and send_now(self._writer, batch)
 
     async def failure(self, exc: BaseException) -> BaseException:
         """What a read or write raised is the reason (a connection has no status of its own)."""

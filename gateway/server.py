@@ -80,6 +80,7 @@ from gateway.relaylink import (
     RelayLinkListener,
     client_context,
     read_frame,
+    send_now,
     server_context,
     write_frame,
 )
@@ -1025,7 +1026,9 @@ class Gateway:
             await self.refuse(opening, exc, context)
 
         await context.send_initial_metadata(())  # accepted: the origin starts writing (`gateway.mux.GrpcPipe`)
-        await self._serve_channel(_peer_certificate(context), MUX_METHOD, read, context.write, end)
+        await self._serve_channel(
+            _peer_certificate(context), MUX_METHOD, read=read, write=context.write, send_now=None, end=end
+        )
 
     async def peer_link(self, certificate: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A relay link (`gateway.relaylink`) from another force's gateway: a relay channel over plain TLS."""
@@ -1044,14 +1047,18 @@ class Gateway:
                 return  # a connection that broke is not a refusal of anything
             await self._record_refusal(opening, exc)
 
-        await self._serve_channel(certificate or None, LINK_METHOD, read, write, end)
+        await self._serve_channel(
+            certificate or None, LINK_METHOD, read=read, write=write, send_now=partial(send_now, writer), end=end
+        )
 
     async def _serve_channel(
         self,
         certificate: bytes | None,
         method: str,
+        *,
         read: Callable[[], Awaitable[bytes | None]],
         write: Callable[[relay_pb2.MuxBatch], Awaitable[None]],
+        send_now: Callable[[relay_pb2.MuxBatch], bool] | None,
         end: Callable[[Call, GatewayError], Awaitable[None]],
     ) -> None:
         """Serve one relay channel: the peer is checked once to open it and again for every call on it.
@@ -1082,6 +1089,7 @@ class Gateway:
         host = MuxHost(
             read,
             write,
+            send_now=send_now,
             handle=handle,
             refuse=refuse,
             max_in_flight=self.config.limits.max_concurrent_calls,

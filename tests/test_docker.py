@@ -11,7 +11,7 @@ files they mount, and check them against the project itself:
 - every service runs the image built from docker/Dockerfile (never a pulled one); bind mounts exist; volumes are
   declared; commands parse with the real argument parsers (`gateway.cli.build_parser`, the appserve parser) or
   name scripts the image contains;
-- the gateways' exposed and published ports are their configs' listeners; the directory's peer addresses, the
+- the gateways' exposed and published ports are their configs' listeners; the directory's peer and relay addresses, the
   backends' addresses and the demo manifest agree with the services and their ports; each application's
   certificate, key, CA and allowed caller are its host force's;
 - the configs load with the gateway's own parser once init-network.sh's commands have made the PKI, and the
@@ -438,9 +438,12 @@ def test_gateway_ports_and_paths_match_its_config(force: str) -> None:
     assert parse_address(config["listeners"]["local"])[0] == "0.0.0.0"
     assert parse_address(config["listeners"]["peer"])[0] == "0.0.0.0"
     assert parse_address(config["listeners"]["admin"])[0] == "127.0.0.1", "the admin listener stays on loopback"
-    assert sorted(int(p) for p in service["expose"]) == sorted([local, peer])
+    relay = _port(config["listeners"]["relay"])
+    assert parse_address(config["listeners"]["relay"])[0] == "0.0.0.0"
+    assert sorted(int(p) for p in service["expose"]) == sorted([local, peer, relay])
     assert service["ports"] == [f"127.0.0.1:{local}:{local}"], "publish the local listener, on the host's loopback"
     assert DIRECTORY["forces"][force]["peer_address"] == f"{name}:{peer}"
+    assert DIRECTORY["forces"][force]["relay_address"] == f"{name}:{relay}"
     assert config["policy"]["dir"] == "policies"
     for table in ("tls", "signing", "log_signing"):
         for key in ("cert", "key"):

@@ -148,7 +148,7 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
             "direct",
             "gateway-1",
             "gateway-2",
-            "gateway-2-rpc",
+            "gateway-2-grpc",
             "pyproxy-1",
             "pyproxy-2",
             "nginx-1",

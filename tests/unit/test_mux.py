@@ -83,6 +83,43 @@ def test_every_request_is_answered_once_under_its_id_and_ready_answers_share_a_b
     assert len(stream.written) < 22  # answers ready together went out together
 
 
+def test_a_lone_call_is_answered_straight_out_and_calls_in_company_go_packed_by_the_writer() -> None:
+    async def run() -> tuple[FakeStream, list[relay_pb2.MuxBatch]]:
+        stream = FakeStream()
+        straight: list[relay_pb2.MuxBatch] = []
+
+        def send_now(batch: relay_pb2.MuxBatch) -> bool:
+            straight.append(batch)
+            return True
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        host = MuxHost(
+            stream.read,
+            stream.write,
+            send_now=send_now,
+            handle=handle,
+            refuse=_refuse,
+            max_in_flight=100,
+            draining=asyncio.Event(),
+        )
+        serving = asyncio.ensure_future(host.serve())
+        stream.send(1)
+        while not straight:
+            await asyncio.sleep(0)
+        stream.send(*range(2, 22))
+        stream.incoming.put_nowait(None)
+        await serving
+        return stream, straight
+
+    stream, straight = asyncio.run(run())
+    assert straight[0].responses[0].id == 1  # alone: no loop turn for the writer
+    ids = sorted([a.id for a in stream.answers()] + [a.id for b in straight for a in b.responses])
+    assert ids == list(range(1, 22))  # each answered once, whichever way
+    assert max(len(b.responses) for b in stream.written) > 1  # in company: packed by the writer
+
+
 def test_calls_over_the_in_flight_cap_are_refused_through_refuse_not_dropped() -> None:
     async def run() -> FakeStream:
         stream = FakeStream()
