@@ -308,11 +308,11 @@ def classify_stack(frames: Sequence[str], thread: str = "") -> str:
     stage = next((st for path in reversed(files) for fragment, st in _STAGE_OF_MODULE if fragment in path), None)
     if stage is not None:
         edge_in_grpc = stage in _EDGE_STAGES and ("/grpc/" in leaf or "/asyncio/" in leaf)
-        return "transport (grpc, Python side)" if edge_in_grpc else stage
+        return "transport (grpc or asyncio streams, Python side)" if edge_in_grpc else stage
     if any("/grpc/" in path for path in files):
-        return "transport (grpc, Python side)"
+        return "transport (grpc or asyncio streams, Python side)"
     if any("/asyncio/" in path or "uvloop" in path for path in files):
-        return "event loop + grpc callbacks (compiled, loop thread)"
+        return "event loop + compiled callbacks (grpc, uvloop TLS; loop thread)"
     return "other"
 
 
