@@ -334,8 +334,11 @@ class Gateway:
 
     def _check_link_host(self, host: str, certificate: bytes) -> None:
         """The host gateway's TLS certificate on a relay link: trusted now, CRL included, and that gateway's."""
+        force = self._directory.forces.get(host)
+        if force is None:
+            raise Unauthenticated(f"force {host} is no longer in the network directory")
         identity = self._trust.verify(certificate, Usage.SERVER, self.clock.now())
-        expected = self._directory.forces[host].gateway_spiffe_id
+        expected = force.gateway_spiffe_id
         if identity.spiffe_id != expected:
             raise Unauthenticated(f"{identity.describe()} is not {expected}")
 

@@ -8,26 +8,32 @@ calls every test makes to prove a gateway still serves.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from gateway._proto.psn.demo.intel.v1 import intel_pb2
 from tests import netharness as harness
 from tests.netharness import NetworkThread, call_outcome, records, records_since, wait_for
 
 __all__ = [
     "HOSTS",
     "LIFTED_RATE_LIMITS",
+    "SEARCH",
+    "SEARCH_MSG",
     "Outcome",
     "add_to_table",
     "append_config",
     "case_files",
     "custody",
+    "fresh_officer",
     "outcome",
     "records",
     "records_since",
+    "relay_network",
     "search",
     "still_serving",
     "wait_for",
@@ -43,6 +49,25 @@ Outcome = tuple[str, str]
 LIFTED_RATE_LIMITS = (
     "[rate_limits]\nforce_rate = 10000.0\nforce_burst = 10000\nunit_rate = 10000.0\nunit_burst = 10000\n"
 )
+
+
+#: The unary method the relay tests call (hosted by Thames Valley), and a request it answers
+SEARCH = "/psn.demo.intel.v1.IntelligenceSearch/Search"
+SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
+
+
+def fresh_officer() -> str:
+    """An officer id no other test uses, to find one test's records."""
+    return f"DC-{secrets.token_hex(5)}"
+
+
+def relay_network(root: Path, *, relay_links: bool) -> Iterator[NetworkThread]:
+    """A module's own network with rate limits lifted, relaying by links or by gRPC only (a fixture body)."""
+    net = NetworkThread(root, relay_links=relay_links)
+    append_config(net, LIFTED_RATE_LIMITS)
+    net.start()
+    yield net
+    net.stop()
 
 
 def add_to_table(text: str, table: str, lines: str) -> str:

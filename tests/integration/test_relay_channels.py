@@ -11,7 +11,6 @@ recorded refusal; and an origin whose peer does not serve `Relay/Mux` falls back
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,36 +19,25 @@ import grpc
 import pytest
 
 from gateway import server as server_module
-from gateway._proto.psn.demo.intel.v1 import intel_pb2
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.server import Gateway
-from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config, still_serving
+from tests.integration._hostile_common import SEARCH, SEARCH_MSG, fresh_officer, relay_network, still_serving
 from tests.integration._hostile_peer import RawPeer
 from tests.netharness import NetworkThread, records_since, search, wait_for
 
 pytestmark = pytest.mark.integration
 
 TV, HANTS, SURREY = "thames-valley", "hampshire", "surrey"
-SEARCH = "/psn.demo.intel.v1.IntelligenceSearch/Search"
-SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
 
 
 @pytest.fixture(scope="module")
 def mnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
     # Relay channels over gRPC (`Relay/Mux`): no relay listeners (relay links: test_relay_links.py).
-    net = NetworkThread(tmp_path_factory.mktemp("mux-net"), relay_links=False)
-    append_config(net, LIFTED_RATE_LIMITS)
-    net.start()
-    yield net
-    net.stop()
+    yield from relay_network(tmp_path_factory.mktemp("mux-net"), relay_links=False)
 
 
 def _gateway(net: NetworkThread, force: str) -> Gateway:
     return net.network.gateways[force]
-
-
-def _officer() -> str:
-    return f"DC-{secrets.token_hex(5)}"
 
 
 def test_relayed_unary_calls_travel_over_relay_channels_and_each_is_recorded_at_both_ends(
@@ -57,7 +45,7 @@ def test_relayed_unary_calls_travel_over_relay_channels_and_each_is_recorded_at_
 ) -> None:
     # With Relay/Unary switched off at every gateway, only relay channels can carry a relayed call.
     monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
-    officer = _officer()
+    officer = fresh_officer()
     since = time.time()
     with mnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(lambda _: search(channel), range(48)))
@@ -92,8 +80,8 @@ def test_a_hostile_request_on_a_channel_is_refused_and_recorded_and_its_neighbou
 ) -> None:
     peer = RawPeer(mnet, SURREY, TV)
     try:
-        good = [peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2)]
-        bad_env = peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())
+        good = [peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer())) for _ in range(2)]
+        bad_env = peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer())
         forged = peer.sign(bad_env)
         forged.signature = bytes([forged.signature[0] ^ 1]) + forged.signature[1:]
         since = time.time()
@@ -112,7 +100,9 @@ def test_a_hostile_request_on_a_channel_is_refused_and_recorded_and_its_neighbou
 def test_a_request_id_already_in_flight_on_a_channel_is_refused(mnet: NetworkThread) -> None:
     peer = RawPeer(mnet, SURREY, TV)
     try:
-        first, second = (peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2))
+        first, second = (
+            peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer())) for _ in range(2)
+        )
         batch = relay_pb2.MuxBatch(
             requests=[
                 relay_pb2.MuxRequest(id=7, request=relay_pb2.UnaryRelayRequest(envelope=s, message=SEARCH_MSG))
@@ -130,7 +120,7 @@ def test_a_request_id_already_in_flight_on_a_channel_is_refused(mnet: NetworkThr
 def test_a_replayed_request_on_a_channel_is_refused(mnet: NetworkThread) -> None:
     peer = RawPeer(mnet, SURREY, TV)
     try:
-        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer()))
         assert peer.unary(signed, SEARCH_MSG, via_mux=True).status == "OK"
         again = peer.unary(signed, SEARCH_MSG, via_mux=True)
         assert again.code is grpc.StatusCode.UNAUTHENTICATED, again
@@ -165,7 +155,7 @@ def test_a_peer_that_is_not_a_gateway_cannot_open_a_channel(mnet: NetworkThread)
         target.peer_address, creds, options=[("grpc.ssl_target_name_override", target.gateway_server_name)]
     ) as channel:
         peer = RawPeer(mnet, SURREY, TV)
-        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer()))
         peer.close()
         batch = relay_pb2.MuxBatch(
             requests=[relay_pb2.MuxRequest(id=1, request=relay_pb2.UnaryRelayRequest(envelope=signed, message=b"x"))]
@@ -186,7 +176,7 @@ def test_an_origin_falls_back_to_unary_rpcs_when_its_peer_has_no_relay_channels(
     mnet.run(mux.close())  # the next call opens a new channel, which the host now refuses
     monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off")
     # Many at once: calls still queued on the channel when the host refuses it were not delivered either.
-    with mnet.officer_channel(HANTS, officer=_officer()) as channel, ThreadPoolExecutor(16) as pool:
+    with mnet.officer_channel(HANTS, officer=fresh_officer()) as channel, ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(lambda _: search(channel)[0], range(48)))
     assert outcomes == [grpc.StatusCode.OK] * 48
     assert not mux.supports(TV)
@@ -194,7 +184,7 @@ def test_an_origin_falls_back_to_unary_rpcs_when_its_peer_has_no_relay_channels(
     assert origin.relay.breaker(TV).state.name == "CLOSED"
     monkeypatch.undo()
     mux._unsupported.clear()  # a minute later, in effect
-    with mnet.officer_channel(HANTS, officer=_officer()) as channel:
+    with mnet.officer_channel(HANTS, officer=fresh_officer()) as channel:
         assert search(channel)[0] is grpc.StatusCode.OK
     assert mux.supports(TV) and mux.streams() >= 1
 
@@ -205,7 +195,7 @@ def test_a_channel_whose_connection_is_closed_is_dropped_and_the_next_call_opens
     origin = _gateway(mnet, HANTS)
     mux = origin.relay.mux
     assert mux is not None
-    with mnet.officer_channel(HANTS, officer=_officer()) as channel:
+    with mnet.officer_channel(HANTS, officer=fresh_officer()) as channel:
         assert search(channel)[0] is grpc.StatusCode.OK
         assert mux.streams() >= 1
         # What a reload does to a retired connection, once its grace is over: the relay channel on it dies.
@@ -220,7 +210,7 @@ def test_a_host_that_stops_ends_its_relay_channels_at_once_and_the_origin_drops_
 ) -> None:
     net = NetworkThread(tmp_path_factory.mktemp("mux-stop-net")).start()
     try:
-        with net.officer_channel(SURREY, officer=_officer()) as channel:
+        with net.officer_channel(SURREY, officer=fresh_officer()) as channel:
             assert search(channel)[0] is grpc.StatusCode.OK
         mux = _gateway(net, SURREY).relay.mux
         assert mux is not None and mux.streams(TV) >= 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import secrets
 import ssl
 import struct
 import threading
@@ -35,39 +34,28 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import pki
 from gateway import server as server_module
-from gateway._proto.psn.demo.intel.v1 import intel_pb2
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.errors import GatewayError, Unavailable
 from gateway.relaylink import FRAME_OVERHEAD, RelayLinkListener, TlsLink, server_context
 from gateway.server import LINK_METHOD, Gateway
 from gateway.tls import KeyPair
-from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config, still_serving
+from tests.integration._hostile_common import SEARCH, SEARCH_MSG, fresh_officer, relay_network, still_serving
 from tests.integration._hostile_peer import RawPeer, Unframed
 from tests.netharness import NetworkThread, records_since, search, wait_for
 
 pytestmark = pytest.mark.integration
 
 TV, HANTS, SURREY = "thames-valley", "hampshire", "surrey"
-SEARCH = "/psn.demo.intel.v1.IntelligenceSearch/Search"
-SEARCH_MSG = intel_pb2.SearchRequest(subject="alpha").SerializeToString()
 
 
 @pytest.fixture(scope="module")
 def lnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
     # Every force has a relay listener and a directory relay_address: gateways relay to each other by links.
-    net = NetworkThread(tmp_path_factory.mktemp("link-net"), relay_links=True)
-    append_config(net, LIFTED_RATE_LIMITS)
-    net.start()
-    yield net
-    net.stop()
+    yield from relay_network(tmp_path_factory.mktemp("link-net"), relay_links=True)
 
 
 def _gateway(net: NetworkThread, force: str) -> Gateway:
     return net.network.gateways[force]
-
-
-def _officer() -> str:
-    return f"DC-{secrets.token_hex(5)}"
 
 
 def _batch(*requests: tuple[int, relay_pb2.Signed, bytes]) -> bytes:
@@ -103,7 +91,7 @@ def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_bot
     # an origin that tried Relay/Mux would fall back to Relay/Unary and fail.
     monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
     monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
-    officer = _officer()
+    officer = fresh_officer()
     since = time.time()
     with lnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(lambda _: search(channel), range(48)))
@@ -158,7 +146,7 @@ def test_a_peer_that_is_not_another_forces_gateway_is_refused_at_link_open(
         peer, cert = RawPeer(lnet, SURREY, TV), (app.cert_path, app.key_path)
     else:
         peer, cert = RawPeer(lnet, SURREY, TV, tls_of=TV), None
-    officer = _officer()
+    officer = fresh_officer()
     since = time.time()
     try:
         end, answers = peer.link_raw([_good_frame(peer, officer)], cert=cert)
@@ -176,7 +164,7 @@ def test_a_peer_that_is_not_another_forces_gateway_is_refused_at_link_open(
 def test_a_gateway_posing_on_a_link_as_another_force_is_refused_per_call(lnet: NetworkThread) -> None:
     # Hampshire's gateway TLS certificate opens the link (it is a gateway), but the envelope is surrey's.
     peer = RawPeer(lnet, SURREY, TV, tls_of=HANTS)
-    officer = _officer()
+    officer = fresh_officer()
     since = time.time()
     try:
         answers = peer.link((1, peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=officer)), SEARCH_MSG))
@@ -201,7 +189,7 @@ def test_a_client_without_the_relay_protocol_tls_13_or_a_certificate_gets_no_ans
     lnet: NetworkThread, what: str, kwargs: dict[str, Any], ends: tuple[str, ...]
 ) -> None:
     peer = RawPeer(lnet, SURREY, TV)
-    officer = _officer()
+    officer = fresh_officer()
     since = time.time()
     try:
         # A good request: had the connection been served, it would have been answered OK.
@@ -281,8 +269,8 @@ def test_a_hostile_request_on_a_link_is_refused_and_recorded_and_its_neighbours_
 ) -> None:
     peer = RawPeer(lnet, SURREY, TV)
     try:
-        good = [peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2)]
-        forged = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        good = [peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer())) for _ in range(2)]
+        forged = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer()))
         forged.signature = bytes([forged.signature[0] ^ 1]) + forged.signature[1:]
         since = time.time()
         answers = peer.link((1, good[0], SEARCH_MSG), (2, forged, SEARCH_MSG), (3, good[1], SEARCH_MSG))
@@ -303,13 +291,13 @@ def test_a_hostile_request_on_a_link_is_refused_and_recorded_and_its_neighbours_
 def test_a_replayed_request_on_a_link_is_refused(lnet: NetworkThread) -> None:
     peer = RawPeer(lnet, SURREY, TV)
     try:
-        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer()))
         assert peer.unary(signed, SEARCH_MSG, via="link").status == "OK"
         since = time.time()
         again = peer.unary(signed, SEARCH_MSG, via="link")  # a second link: the replay store is the gateway's
         assert again.code is grpc.StatusCode.UNAUTHENTICATED, again
         # Replayed on the same link as the original: refused too.
-        fresh = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer()))
+        fresh = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer()))
         end, answers = peer.link_raw([_batch((1, fresh, SEARCH_MSG)), _batch((2, fresh, SEARCH_MSG))], expect=2)
         assert end.how == "done", end
         # Whichever of the two runs first is answered; the other is a replay.
@@ -324,7 +312,9 @@ def test_a_replayed_request_on_a_link_is_refused(lnet: NetworkThread) -> None:
 def test_a_request_id_already_in_flight_on_a_link_is_refused(lnet: NetworkThread) -> None:
     peer = RawPeer(lnet, SURREY, TV)
     try:
-        first, second = (peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=_officer())) for _ in range(2))
+        first, second = (
+            peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=fresh_officer())) for _ in range(2)
+        )
         since = time.time()
         end, answers = peer.link_raw([_batch((7, first, SEARCH_MSG), (7, second, SEARCH_MSG))], expect=2)
     finally:
@@ -453,7 +443,7 @@ def test_a_host_that_stops_finishes_the_calls_on_its_links_then_ends_them_and_th
         mux = _gateway(net, SURREY).relay.mux
         assert mux is not None and mux.transport(TV) == "link"
         host = _gateway(net, TV)
-        with net.officer_channel(SURREY, officer=_officer()) as channel:
+        with net.officer_channel(SURREY, officer=fresh_officer()) as channel:
             assert search(channel)[0] is grpc.StatusCode.OK
         assert mux.streams(TV) >= 1
 
@@ -468,7 +458,7 @@ def test_a_host_that_stops_finishes_the_calls_on_its_links_then_ends_them_and_th
             return await forward(*args, **kwargs)
 
         host.forward_unary = held  # type: ignore[method-assign]
-        officer = _officer()
+        officer = fresh_officer()
         with net.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(search, channel)
             assert entered.wait(10), "the call never reached the host"
