@@ -17,9 +17,14 @@ the same sealed `UnaryRelayResponse`, or a `MuxRefusal` when the request was
 refused before its envelope verified. Nothing about a call's security depends
 on the stream: each request stands alone, signed, checked and recorded.
 
+A channel travels on a `MuxPipe`: a `Relay/Mux` gRPC stream (`GrpcPipe`), or
+a relay link (`gateway.relaylink.TlsLink`) to a force with a `relay_address`.
+On a link the channel also carries streaming calls (`MuxBatch.streams`, see
+`gateway.muxstream`), each run by the gateway's `Relay/Stream` handler.
+
 Origin side: `MuxClient`. Host side: `MuxHost`, which reads batches, starts a
-task per request (the gateway's handler), sends answers in batches and honours
-cancellations. Failures: a stream that breaks fails its calls in flight with
+task per request or stream (the gateway's handlers), sends answers in batches
+and honours cancellations. Failures: a stream that breaks fails its calls in flight with
 `Unavailable` (their hosts may or may not have answered, exactly as with a
 broken RPC); a host without `Relay/Mux` (UNIMPLEMENTED) makes the client fall
 back to `Relay/Unary` for that host.
@@ -40,7 +45,8 @@ from google.protobuf.message import DecodeError
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.clock import Clock
-from gateway.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, Unavailable
+from gateway.muxstream import HostStream, LinkStreamCall, StreamAborted
 from gateway.relaylink import LinkTarget, TlsLink
 from gateway.tls import ChannelPool
 
@@ -54,6 +60,9 @@ MUX_METHOD = "/psn.gateway.v1.Relay/Mux"
 #: Requests or answers packed into one message at most, and their bytes (under any peer's message limit).
 _MAX_BATCH_ITEMS = 128
 _MAX_BATCH_BYTES = 1 << 20
+
+#: Ended stream ids a host remembers per channel, to drop the frames that were already on their way.
+_ENDED_REMEMBERED = 4096
 
 #: Seconds an origin waits for a host to accept a new `Relay/Mux` stream before writing to it regardless.
 _ACCEPT_WAIT = 1.0
@@ -149,6 +158,8 @@ class _ClientStream:
         self._pending: dict[int, asyncio.Future[relay_pb2.MuxResponse]] = {}
         self._outbox: list[relay_pb2.MuxRequest] = []
         self._cancels: list[int] = []
+        self._calls: dict[int, LinkStreamCall] = {}
+        self._stream_out: list[relay_pb2.MuxStream] = []
         self._wake = asyncio.Event()
         self._retiring = False
         self.closed: BaseException | None = None
@@ -186,6 +197,31 @@ class _ClientStream:
             self._give_up(call_id)
             raise
 
+    def open_stream(self, timeout: float | None) -> LinkStreamCall:
+        """Start a streaming call on this channel (its frames go by `LinkStreamCall.write`)."""
+        if self.closed is not None:
+            raise _as_unavailable(self.closed, self.host)
+        try:
+            self.pipe.recheck()
+        except Unavailable as exc:
+            self._close(exc)
+            raise _NotTrustedNow(exc.reason) from exc
+        stream_id = next(self._ids)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        call = LinkStreamCall(
+            stream_id, self.host, send=self._send_stream, forget=self._forget_stream, deadline=deadline
+        )
+        self._calls[stream_id] = call
+        return call
+
+    def _send_stream(self, item: relay_pb2.MuxStream) -> None:
+        self._stream_out.append(item)
+        self._wake.set()
+
+    def _forget_stream(self, stream_id: int) -> None:
+        self._calls.pop(stream_id, None)
+        self._close_if_retired()
+
     def _give_up(self, call_id: int) -> None:
         future = self._pending.pop(call_id, None)
         if future is None or self.closed is not None:
@@ -201,7 +237,7 @@ class _ClientStream:
         self._close_if_retired()
 
     def _close_if_retired(self) -> None:
-        if self._retiring and not self._pending:
+        if self._retiring and not self._pending and not self._calls and self.closed is None:
             self._close(Unavailable(f"relay channel to {self.host} retired"))
 
     async def _write_loop(self) -> None:
@@ -209,10 +245,10 @@ class _ClientStream:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while self._outbox or self._cancels:
+                while self._outbox or self._cancels or self._stream_out:
                     batch = relay_pb2.MuxBatch(cancels=self._cancels[:_MAX_BATCH_ITEMS])
                     del self._cancels[:_MAX_BATCH_ITEMS]
-                    size = 0
+                    size = _take_stream_items(self._stream_out, batch)
                     take = 0
                     for request in self._outbox[:_MAX_BATCH_ITEMS]:
                         size += len(request.request.message) + len(request.request.envelope.body) + 1024
@@ -245,6 +281,10 @@ class _ClientStream:
                     future = self._pending.pop(answer.id, None)
                     if future is not None and not future.done():
                         future.set_result(answer)
+                for item in batch.streams:
+                    call = self._calls.get(item.id)
+                    if call is not None:
+                        call.received(item)
                 self._close_if_retired()
                 if self.closed is not None:
                     return
@@ -270,6 +310,10 @@ class _ClientStream:
                 future.set_exception(error)
         self._pending.clear()
         self._outbox.clear()
+        for call in list(self._calls.values()):
+            call.fail(reason)
+        self._calls.clear()
+        self._stream_out.clear()
         self.pipe.abort()
         for task in self._tasks:
             if task is not asyncio.current_task():
@@ -389,6 +433,15 @@ class MuxClient:
             log.warning("the gateway of %s does not serve Relay/Mux: relaying by Relay/Unary", host)
             raise
 
+    def open_stream(self, host: str, *, timeout: float | None) -> LinkStreamCall:
+        """Start a streaming call to `host` over a relay link (`Unavailable` if none can carry it now)."""
+        for _ in range(self._links):
+            try:
+                return self._stream(host).open_stream(timeout)
+            except _NotTrustedNow:
+                continue  # as in `call`: nothing was sent, and a new link checks the host afresh
+        return self._stream(host).open_stream(timeout)
+
     def _retire(self, host: str) -> None:
         for key, stream in list(self._streams.items()):
             if key[0] == host and isinstance(stream.pipe, TlsLink):
@@ -418,6 +471,24 @@ def _refuse_all(host: str, _certificate: bytes) -> None:
 #: The host's handler for one request: it returns the answer to send (it never raises a GatewayError).
 MuxHandler = Callable[[relay_pb2.MuxRequest], Awaitable[relay_pb2.MuxResponse]]
 
+#: The host's handler for one streaming call: the stream, and the problem to refuse it for (None: serve it).
+#: It ends the stream by returning (the response seal sent) or through `HostStream.abort`.
+StreamHandler = Callable[[HostStream, GatewayError | None], Awaitable[None]]
+
+
+def _take_stream_items(items: list[relay_pb2.MuxStream], batch: relay_pb2.MuxBatch) -> int:
+    """Move stream items, in order, from `items` into `batch` (within the batch limits); their bytes."""
+    take, size = 0, 0
+    for item in items[:_MAX_BATCH_ITEMS]:
+        size += len(item.frame) + 32
+        if take and size > _MAX_BATCH_BYTES:
+            size -= len(item.frame) + 32
+            break
+        take += 1
+    batch.streams.extend(items[:take])
+    del items[:take]
+    return size
+
 
 class MuxHost:
     """The host side of one `Relay/Mux` stream: read batches, run each request, send answers in batches.
@@ -437,6 +508,8 @@ class MuxHost:
         send_now: Callable[[relay_pb2.MuxBatch], bool] | None = None,
         handle: MuxHandler,
         refuse: Callable[[relay_pb2.MuxRequest, InvalidArgument | Unavailable], Awaitable[relay_pb2.MuxResponse]],
+        handle_stream: StreamHandler | None = None,
+        certificate: bytes | None = None,
         max_in_flight: int,
         draining: asyncio.Event,
     ) -> None:
@@ -445,6 +518,13 @@ class MuxHost:
         self._send_now = send_now
         self._handle = handle
         self._refuse = refuse
+        self._handle_stream = handle_stream
+        self._certificate = certificate
+        self._streams: dict[int, tuple[HostStream, asyncio.Task[None]]] = {}
+        self._streams_idle = asyncio.Event()
+        #: ids of the streams that ended most recently (frames the origin sent before it heard are dropped)
+        self._ended: dict[int, None] = {}
+        self._stream_out: list[relay_pb2.MuxStream] = []
         self._max = max_in_flight
         self._draining = draining
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -462,13 +542,14 @@ class MuxHost:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
-            if self._running or self._refusing:
-                await asyncio.gather(*self._running.values(), *self._refusing, return_exceptions=True)
+            streams = [task for _, task in self._streams.values()]
+            if self._running or self._refusing or streams:
+                await asyncio.gather(*self._running.values(), *self._refusing, *streams, return_exceptions=True)
             self._finishing = True
             self._wake.set()
             await writer
         finally:
-            for task in (*self._running.values(), *self._refusing):
+            for task in (*self._running.values(), *self._refusing, *(t for _, t in self._streams.values())):
                 task.cancel()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -476,22 +557,40 @@ class MuxHost:
 
     async def _next_batch(self) -> bytes | None:
         read = asyncio.ensure_future(self._read())
-        drain = asyncio.ensure_future(self._draining.wait())
-        try:
-            await asyncio.wait((read, drain), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            drain.cancel()
-        if self._draining.is_set() or not read.done():
-            # Draining: a batch that arrives now is not started (its calls fail at the origin when the
-            # stream ends, as on any broken relay), so that nothing new begins while the gateway stops.
-            if read.done() and not read.cancelled():
-                read.exception()  # retrieved: a read that failed as the stream ended is not worth a warning
-            read.cancel()
-            return None
-        return read.result()
+        while True:
+            if self._draining.is_set() and not self._streams:
+                # Draining: a batch that arrives now is not started (its calls fail at the origin when the
+                # stream ends, as on any broken relay), so that nothing new begins while the gateway stops.
+                if read.done() and not read.cancelled():
+                    read.exception()  # retrieved: a read that failed as the stream ended is not worth a warning
+                read.cancel()
+                return None
+            # While draining, streaming calls already running still need their frames: read on for them.
+            other = self._streams_idle if self._draining.is_set() else self._draining
+            wait = asyncio.ensure_future(other.wait())
+            try:
+                await asyncio.wait((read, wait), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wait.cancel()
+            if read.done():
+                return read.result()
 
     async def _read_loop(self) -> None:
-        while not self._draining.is_set():
+        try:
+            await self._read_batches()
+        except BaseException as exc:
+            self._stop_streams(exc)
+            raise
+        self._stop_streams(Unavailable("the relay channel closed"))
+
+    def _stop_streams(self, reason: BaseException) -> None:
+        # Whatever ended the reading, no more frames and no more credit will come for streams still running.
+        error = reason if isinstance(reason, GatewayError) else Unavailable(f"the relay channel failed: {reason!r}")
+        for stream, _ in self._streams.values():
+            stream.stop(error)
+
+    async def _read_batches(self) -> None:
+        while True:
             raw = await self._next_batch()
             if raw is None:
                 return
@@ -499,12 +598,16 @@ class MuxHost:
                 batch = relay_pb2.MuxBatch.FromString(raw)
             except DecodeError as exc:
                 raise InvalidArgument(f"relay channel batch does not parse: {exc}") from exc
-            if len(batch.requests) > _MAX_BATCH_ITEMS or len(batch.cancels) > _MAX_BATCH_ITEMS:
+            if max(len(batch.requests), len(batch.cancels), len(batch.streams)) > _MAX_BATCH_ITEMS:
                 raise InvalidArgument(f"relay channel batch of more than {_MAX_BATCH_ITEMS} items")
+            for item in batch.streams:
+                self._stream_item(item)
             for call_id in batch.cancels:
                 task = self._running.get(call_id)
                 if task is not None:
                     task.cancel()
+            if self._draining.is_set():
+                continue  # not started: see _next_batch
             for request in batch.requests:
                 self._start(request)
 
@@ -513,7 +616,7 @@ class MuxHost:
         problem: InvalidArgument | Unavailable | None = None
         if call_id in self._running:
             problem = InvalidArgument(f"relay channel request id {call_id} is already in flight")
-        elif len(self._running) >= self._max:
+        elif len(self._running) + len(self._streams) >= self._max:
             problem = Unavailable(f"relay channel has {self._max} calls in flight already")
         if problem is not None:
             # Not tracked under its id (that may be another call's); answered after its refusal is recorded.
@@ -528,6 +631,60 @@ class MuxHost:
 
     def _finished(self, call_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(call_id, None)
+
+    # -- streaming calls --
+
+    def _stream_item(self, item: relay_pb2.MuxStream) -> None:
+        entry = self._streams.get(item.id)
+        if entry is not None:
+            stream, task = entry
+            stream.received(item)
+            if item.cancel:
+                task.cancel()
+            return
+        if not item.frame or item.cancel or self._draining.is_set() or item.id in self._ended:
+            # A late credit, end, cancel or frame of a stream that is over, or a new stream while draining:
+            # nothing starts.
+            return
+        if self._handle_stream is None:
+            raise InvalidArgument("this relay channel carries no streaming calls")
+        problem: GatewayError | None = None
+        if len(self._running) + len(self._streams) >= self._max:
+            problem = Unavailable(f"relay channel has {self._max} calls in flight already")
+        stream = HostStream(item.id, certificate=self._certificate, send=self._send_stream)
+        stream.received(item)
+        task = asyncio.get_running_loop().create_task(self._run_stream(stream, problem))
+        self._streams[item.id] = (stream, task)
+        self._streams_idle.clear()
+        task.add_done_callback(partial(self._stream_finished, item.id))
+
+    async def _run_stream(self, stream: HostStream, problem: GatewayError | None) -> None:
+        assert self._handle_stream is not None  # noqa: S101  # checked before the stream started
+        try:
+            await self._handle_stream(stream, problem)
+        except StreamAborted:
+            return  # the refusal is on its way
+        except Exception as exc:  # noqa: BLE001  # a handler bug ends its own stream, not the channel
+            if stream.stopped:
+                log.info("relay stream %d ended with its channel: %r", stream.id, exc)
+                return  # the channel is gone: nothing to tell the origin
+            log.error("relay stream %d failed: %r", stream.id, exc)
+            refusal = relay_pb2.MuxRefusal(code=grpc.StatusCode.UNKNOWN.value[0], message="unknown")
+            self._send_stream(relay_pb2.MuxStream(id=stream.id, refusal=refusal))
+            return
+        self._send_stream(relay_pb2.MuxStream(id=stream.id, end=True))
+
+    def _stream_finished(self, stream_id: int, _task: asyncio.Task[None]) -> None:
+        self._streams.pop(stream_id, None)
+        self._ended[stream_id] = None
+        if len(self._ended) > _ENDED_REMEMBERED:
+            del self._ended[next(iter(self._ended))]
+        if not self._streams:
+            self._streams_idle.set()
+
+    def _send_stream(self, item: relay_pb2.MuxStream) -> None:
+        self._stream_out.append(item)
+        self._wake.set()
 
     async def _answer(self, answer: Awaitable[relay_pb2.MuxResponse]) -> None:
         ready = await answer
@@ -546,16 +703,18 @@ class MuxHost:
                 # calls at once) join this message (measured: 3.5 answers a message with it, 2 without).
                 await asyncio.sleep(0)
                 self._wake.clear()
-                if self._finishing and not self._answers:
+                if self._finishing and not self._answers and not self._stream_out:
                     return
-                while self._answers:
-                    take, size = 0, 0
+                while self._answers or self._stream_out:
+                    batch = relay_pb2.MuxBatch()
+                    size = _take_stream_items(self._stream_out, batch)
+                    take = 0
                     for answer in self._answers[:_MAX_BATCH_ITEMS]:
                         size += answer.ByteSize()
                         if take and size > _MAX_BATCH_BYTES:
                             break
                         take += 1
-                    batch = relay_pb2.MuxBatch(responses=self._answers[:take])
+                    batch.responses.extend(self._answers[:take])
                     del self._answers[:take]
                     await self._write(batch)
                 if self._finishing:

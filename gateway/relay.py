@@ -292,14 +292,26 @@ class RelayUpstream:
         self._call = call
         self._host = call.route.host
         self._type = call.route.method.call_type
-        channel = client._peers.channel(self._host)
-        # Response frames are parsed in `read` (see `RelayClient.unary`).
-        multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, bytes]
-        multi = channel.stream_stream(_STREAM, request_serializer=relay_pb2.RelayFrame.SerializeToString)
         self._breaker = client.breaker(self._host)
         self._breaker.allow()
         self._reached = False
-        self._rpc = multi(timeout=call.remaining(client._clock.monotonic()))
+        timeout = call.remaining(client._clock.monotonic())
+        mux = client.mux
+        self._rpc: Any
+        if mux is not None and mux.transport(self._host) == "link":
+            # Over a relay link (`gateway.muxstream`): the same frames, the host's certificate checked first.
+            try:
+                self._rpc = mux.open_stream(self._host, timeout=timeout)
+            except Unavailable:
+                self._breaker.failure()
+                raise
+        else:
+            # Response frames are parsed in `read` (see `RelayClient.unary`).
+            multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, bytes]
+            multi = client._peers.channel(self._host).stream_stream(
+                _STREAM, request_serializer=relay_pb2.RelayFrame.SerializeToString
+            )
+            self._rpc = multi(timeout=timeout)
         self._sent = MessageDigest()
         self._received = MessageDigest()
         self._env_digest: bytes | None = None

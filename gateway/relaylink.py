@@ -15,7 +15,9 @@ stream cost 0.10 ms and 42 to 53 us. A relay link is that stream:
   and again before every call, so a revocation bites on an open link.
 - **The frames.** Each frame is a 4-byte big-endian length and one serialized
   `MuxBatch`, exactly the messages of `Relay/Mux`. A frame over the receiver's
-  limit, or one that does not parse, ends the link.
+  limit, or one that does not parse, ends the link. `LinkConnection` cuts
+  frames out of the byte stream as they arrive and wakes its reader once per
+  frame.
 - **The host side** (`RelayLinkListener`) accepts connections on its own port,
   `[listeners] relay`, advertised to the other forces as the directory's
   `relay_address`. After the handshake it hands the link to the gateway, which
@@ -23,20 +25,23 @@ stream cost 0.10 ms and 42 to 53 us. A relay link is that stream:
   peer identity per call, the envelope, route, deadline, rate limit, policy,
   the durable record, the sealed answer.
 
-A force without a `relay_address` is reached by `Relay/Mux` (and a host
-without that, by `Relay/Unary`), so forces can move to links one at a time.
+Streaming calls travel on the same links (`gateway.muxstream`: the frames of
+`Relay/Stream`, with flow control per stream). A force without a
+`relay_address` is reached by `Relay/Mux` and `Relay/Stream` (and a host
+without `Relay/Mux`, by `Relay/Unary`), so forces can move to links one at a
+time. Unary requests over 256 KiB still go as one `Relay/Unary` RPC each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
-import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.errors import GatewayError, InvalidArgument, Unavailable
@@ -44,13 +49,13 @@ from gateway.tls import KeyPair
 
 __all__ = [
     "ALPN",
+    "LinkConnection",
     "LinkTarget",
     "RelayLinkListener",
     "TlsLink",
     "client_context",
-    "read_frame",
+    "frame_of",
     "server_context",
-    "write_frame",
 ]
 
 log = logging.getLogger("psngw.relaylink")
@@ -69,6 +74,9 @@ FRAME_OVERHEAD = 64 * 1024
 
 #: Bytes queued on a link past which frames wait for the connection to drain.
 SEND_BUFFER = 256 * 1024
+
+#: Frames waiting for a link's reader past which the connection stops reading until it catches up.
+_QUEUED = 64
 
 
 def _context(purpose: ssl.Purpose, keypair: KeyPair, roots_pem: bytes) -> ssl.SSLContext:
@@ -98,39 +106,138 @@ def client_context(keypair: KeyPair, host_roots_pem: bytes) -> ssl.SSLContext:
     return context
 
 
-def write_frame(writer: asyncio.StreamWriter, batch: relay_pb2.MuxBatch) -> None:
-    """Queue one batch as a frame (the caller drains when it wants back-pressure)."""
-    body = batch.SerializeToString()
-    writer.write(_HEADER.pack(len(body)) + body)
+def frame_of(body: bytes) -> bytes:
+    """One frame on the wire: the length header, then `body`."""
+    return _HEADER.pack(len(body)) + body
 
 
-def send_now(writer: asyncio.StreamWriter, batch: relay_pb2.MuxBatch) -> bool:
-    """Queue one batch as a frame if the connection is open and below its send buffer's high-water mark."""
-    transport = writer.transport
-    if transport.is_closing() or transport.get_write_buffer_size() >= SEND_BUFFER:
-        return False
-    write_frame(writer, batch)
-    return True
+class LinkConnection(asyncio.Protocol):
+    """One relay link's connection: whole frames in, frames out with back-pressure.
 
-
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
-    """The next frame's body; None when the other side closed cleanly between frames.
-
-    `InvalidArgument` for a frame over `max_bytes`; `Unavailable` if the connection breaks inside one.
+    Frames are cut out of the byte stream as data arrives and the reader is
+    woken once per frame (asyncio's `StreamReader` wakes it for every TLS
+    record, some 64 times for a 1 MiB batch of stream frames). At most
+    `_QUEUED` frames wait for the reader; past that the connection stops
+    reading until it catches up. A frame header over `max_frame` ends the
+    reading with `InvalidArgument`; a connection that ends inside a frame ends
+    it with `Unavailable`. `on_open` is called once the (TLS) connection is up.
     """
-    try:
-        header = await reader.readexactly(_HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise Unavailable("relay link closed inside a frame header") from exc
-    (size,) = _HEADER.unpack(header)
-    if size > max_bytes:
-        raise InvalidArgument(f"relay link frame of {size} bytes is over the limit of {max_bytes}")
-    try:
-        return await reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        raise Unavailable(f"relay link closed after {len(exc.partial)} of a frame's {size} bytes") from exc
+
+    def __init__(self, max_frame: int, on_open: Callable[[LinkConnection], None] | None = None) -> None:
+        self._max = max_frame
+        self._on_open = on_open
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._paused = False
+        self._ended = False
+        self._error: BaseException | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; tell the owner."""
+        self.transport = cast(asyncio.Transport, transport)  # a TCP (TLS) connection reads and writes
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Cut whole frames out of what arrived."""
+        if self._ended:
+            return
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer)
+            if size > self._max:
+                self._end(InvalidArgument(f"relay link frame of {size} bytes is over the limit of {self._max}"))
+                return
+            if len(buffer) < _HEADER.size + size:
+                break
+            self._frames.append(bytes(buffer[_HEADER.size : _HEADER.size + size]))
+            del buffer[: _HEADER.size + size]
+        if self._frames:
+            self._readable.set()
+            if len(self._frames) >= _QUEUED and self.transport is not None and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        """The other side is done sending: a clean end only between frames."""
+        inside = len(self._buffer)
+        self._end(Unavailable(f"relay link closed inside a frame ({inside} bytes)") if inside else None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: readers and writers waiting are woken."""
+        if exc is not None and not self._ended:
+            self._end(Unavailable(f"relay link lost: {exc!r}"))
+        elif self._buffer and not self._ended:
+            self._end(Unavailable(f"relay link closed inside a frame ({len(self._buffer)} bytes)"))
+        else:
+            self._end(None)
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: `drain` waits."""
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        """The send buffer has room again."""
+        self._writable.set()
+
+    def _end(self, error: BaseException | None) -> None:
+        if not self._ended:
+            self._ended, self._error = True, error
+        self._readable.set()
+
+    # -- frames --
+
+    async def read(self) -> bytes | None:
+        """The next frame's body; None once the other side closed cleanly between frames."""
+        while not self._frames:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        frame = self._frames.popleft()
+        if self._paused and len(self._frames) < _QUEUED // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return frame
+
+    def write(self, body: bytes) -> None:
+        """Queue one frame (`drain` for back-pressure)."""
+        if self.transport is None or self.transport.is_closing():
+            raise Unavailable("relay link is closed")
+        if len(body) > 16384:
+            self.transport.writelines((_HEADER.pack(len(body)), body))  # no copy of a large body
+        else:
+            self.transport.write(frame_of(body))
+
+    async def drain(self) -> None:
+        """Wait while the send buffer is over its high-water mark."""
+        await self._writable.wait()
+        if self.transport is None or self.transport.is_closing():
+            raise Unavailable("relay link is closed")
+
+    def send_now(self, batch: relay_pb2.MuxBatch) -> bool:
+        """Queue one batch at once if the connection is open and below `SEND_BUFFER`; else False."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() >= SEND_BUFFER:
+            return False
+        transport.write(frame_of(batch.SerializeToString()))
+        return True
+
+    def abort(self) -> None:
+        """Close the connection now."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -161,17 +268,18 @@ class TlsLink:
         self._target = target
         self._check = check
         self._max = max_frame
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._connection: LinkConnection | None = None
         self._certificate = b""
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._opening = asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             name, port = split_address(self._target.address)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: LinkConnection(self._max),
                     name,
                     port,
                     ssl=self._target.context,
@@ -183,12 +291,9 @@ class TlsLink:
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             self._opened.set_exception(Unavailable(f"relay link to {self.host} cannot connect: {exc!r}"))
             return
-        self._reader, self._writer = reader, writer
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ssl_object: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
+        self._connection = connection
+        transport = connection.transport
+        ssl_object: ssl.SSLObject | None = None if transport is None else transport.get_extra_info("ssl_object")
         try:
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
                 raise Unavailable(f"relay link to {self.host}: the listener does not speak {ALPN}")
@@ -197,7 +302,7 @@ class TlsLink:
                 raise Unavailable(f"relay link to {self.host}: the listener presented no certificate")
             self.recheck()
         except Unavailable as exc:
-            writer.transport.abort()
+            connection.abort()
             self._opened.set_exception(exc)
             return
         self._opened.set_result(None)
@@ -218,7 +323,7 @@ class TlsLink:
 
     def send_now(self, batch: relay_pb2.MuxBatch) -> bool:
         """Write the frame now if the link is open and its send buffer has room."""
-        return self.ready and self._writer is not None and send_now(self._writer, batch)
+        return self.ready and self._connection is not None and self._connection.send_now(batch)
 
     async def failure(self, exc: BaseException) -> BaseException:
         """What a read or write raised is the reason (a connection has no status of its own)."""
@@ -232,15 +337,15 @@ class TlsLink:
     async def read(self) -> bytes | None:
         """The next batch from the host (bytes), None at its clean close."""
         await asyncio.shield(self._opened)
-        assert self._reader is not None  # noqa: S101  # set before _opened
-        return await read_frame(self._reader, self._max)
+        assert self._connection is not None  # noqa: S101  # set before _opened
+        return await self._connection.read()
 
-    async def write(self, batch: relay_pb2.MuxBatch) -> None:
-        """Send one batch to the host."""
+    async def write(self, batch: relay_pb2.MuxBatch | bytes) -> None:
+        """Send one batch (or its bytes) to the host."""
         await asyncio.shield(self._opened)
-        assert self._writer is not None  # noqa: S101  # set before _opened
-        write_frame(self._writer, batch)
-        await self._writer.drain()
+        assert self._connection is not None  # noqa: S101  # set before _opened
+        self._connection.write(batch if isinstance(batch, bytes) else batch.SerializeToString())
+        await self._connection.drain()
 
     def abort(self) -> None:
         """Close the connection now."""
@@ -248,12 +353,12 @@ class TlsLink:
         if not self._opened.done():
             self._opened.set_exception(Unavailable(f"relay link to {self.host} closed"))
         self._opened.exception()  # retrieved: a link that never opened is reported by its calls, not by asyncio
-        if self._writer is not None:
-            self._writer.transport.abort()
+        if self._connection is not None:
+            self._connection.abort()
 
 
-#: The gateway's handler for one accepted link: the peer's certificate (DER) and the link's streams.
-LinkHandler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+#: The gateway's handler for one accepted link: the peer's certificate (DER) and the connection.
+LinkHandler = Callable[[bytes, LinkConnection], Awaitable[None]]
 
 
 class RelayLinkListener:
@@ -273,12 +378,14 @@ class RelayLinkListener:
         context: Callable[[], ssl.SSLContext],
         handle: LinkHandler,
         reuse_port: bool,
+        max_frame: int,
         max_links: int = 256,
     ) -> None:
         self._address = address
         self._context = context
         self._handle = handle
         self._reuse_port = reuse_port
+        self._max_frame = max_frame
         self._max = max_links
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
@@ -288,8 +395,8 @@ class RelayLinkListener:
         host, port = split_address(self._address)
         first = self._context()
         first.sni_callback = self._newest
-        self._server = await asyncio.start_server(
-            self._accept,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: LinkConnection(self._max_frame, on_open=self._accept),
             host,
             port,
             ssl=first,
@@ -309,23 +416,28 @@ class RelayLinkListener:
         if connection.context is not newest:
             connection.context = newest
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        task = asyncio.current_task()
-        if len(self._links) >= self._max or task is None:
+    def _accept(self, connection: LinkConnection) -> None:
+        # Called once the handshake is done (asyncio tells the protocol only then).
+        transport = connection.transport
+        peer = None if transport is None else transport.get_extra_info("peername")
+        if len(self._links) >= self._max:
             log.warning("relay listener: %d links open already, refusing %s", self._max, peer)
-            writer.transport.abort()
+            connection.abort()
             return
+        task = asyncio.get_running_loop().create_task(self._serve(connection, peer))
         self._links.add(task)
+        task.add_done_callback(self._links.discard)
+
+    async def _serve(self, connection: LinkConnection, peer: object) -> None:
         try:
-            ssl_object: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
+            transport = connection.transport
+            ssl_object: ssl.SSLObject | None = None if transport is None else transport.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
                 log.info("relay listener: %s does not speak %s; closed", peer, ALPN)
                 return
-            await self._handle(ssl_object.getpeercert(binary_form=True) or b"", reader, writer)
+            await self._handle(ssl_object.getpeercert(binary_form=True) or b"", connection)
         finally:
-            self._links.discard(task)
-            writer.transport.abort()
+            connection.abort()
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; links end when the gateway's handler returns (it drains); after `grace` s, cut."""

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 from cryptography import x509
@@ -50,6 +50,7 @@ from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
 from gateway.metrics import GatewayMetrics, Registry
 from gateway.mux import MUX_METHOD, MuxClient, MuxHost
+from gateway.muxstream import HostStream
 from gateway.pipeline import (
     Call,
     DeadlineStage,
@@ -76,13 +77,11 @@ from gateway.ratelimit import RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
 from gateway.relaylink import (
     FRAME_OVERHEAD,
+    LinkConnection,
     LinkTarget,
     RelayLinkListener,
     client_context,
-    read_frame,
-    send_now,
     server_context,
-    write_frame,
 )
 from gateway.replay import InMemoryReplayStore, ReplayStore, SqliteReplayStore
 from gateway.status import status_for
@@ -438,6 +437,7 @@ class Gateway:
                 context=self._relay_server_context,
                 handle=self.peer_link,
                 reuse_port=self.workers > 1,
+                max_frame=self.config.limits.max_message_bytes + FRAME_OVERHEAD,
             )
             relay_port = await self._relay_listener.start()
         await local.start()
@@ -1033,16 +1033,12 @@ class Gateway:
             _peer_certificate(context), MUX_METHOD, read=read, write=context.write, send_now=None, end=end
         )
 
-    async def peer_link(self, certificate: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def peer_link(self, certificate: bytes, connection: LinkConnection) -> None:
         """A relay link (`gateway.relaylink`) from another force's gateway: a relay channel over plain TLS."""
-        max_frame = self.config.limits.max_message_bytes + FRAME_OVERHEAD
-
-        async def read() -> bytes | None:
-            return await read_frame(reader, max_frame)
 
         async def write(batch: relay_pb2.MuxBatch) -> None:
-            write_frame(writer, batch)
-            await writer.drain()
+            connection.write(batch.SerializeToString())
+            await connection.drain()
 
         async def end(opening: Call, exc: GatewayError) -> None:
             if isinstance(exc, Unavailable) and opening.peer is not None:
@@ -1051,7 +1047,7 @@ class Gateway:
             await self._record_refusal(opening, exc)
 
         await self._serve_channel(
-            certificate or None, LINK_METHOD, read=read, write=write, send_now=partial(send_now, writer), end=end
+            certificate or None, LINK_METHOD, read=connection.read, write=write, send_now=connection.send_now, end=end
         )
 
     async def _serve_channel(
@@ -1089,12 +1085,24 @@ class Gateway:
             call.peer = opening.peer
             return (await self._record_refusal(call, exc)).answer(request.id)
 
+        async def handle_stream(stream: HostStream, problem: GatewayError | None) -> None:
+            # The stream is shaped as the servicer context of `Relay/Stream`: the same handler serves it.
+            context = cast(PeerContext, stream)
+            if problem is None:
+                await self.peer_stream(context)
+                return
+            call = self.new_call(Listener.PEER, _RELAY_STREAM, context)
+            call.peer = opening.peer
+            await self.refuse(call, problem, context)
+
         host = MuxHost(
             read,
             write,
             send_now=send_now,
             handle=handle,
             refuse=refuse,
+            handle_stream=handle_stream,
+            certificate=certificate,
             max_in_flight=self.config.limits.max_concurrent_calls,
             draining=self._draining,
         )

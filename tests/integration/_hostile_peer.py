@@ -10,18 +10,23 @@ verified, the status inside the response seal.
 The same peer also speaks relay links (`gateway.relaylink`: length-prefixed
 `MuxBatch` frames over TLS 1.3, no gRPC) to the host's relay listener, with a
 plain blocking `ssl` socket: `link_raw` sends exactly the bytes it is given and
-reports how the connection ended (`LinkEnd`), `link` mirrors `mux`.
+reports how the connection ended (`LinkEnd`), `link` mirrors `mux`. Streaming
+calls travel on a link as `MuxStream` items (gateway.muxstream): `stream(...,
+via="link")` / `link_stream_raw` send a stream's frames on one link and read its
+answer back as the same `RelayOutcome` as `Relay/Stream`; `open_link` gives a
+`LinkSession` for tests that script a link item by item (credit, cancel, floods).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +50,7 @@ from gateway.principal import Principal, Purpose
 from gateway.relaylink import ALPN
 from tests.netharness import NetworkThread
 
-__all__ = ["LinkEnd", "RawPeer", "RelayOutcome", "Unframed", "frames_of"]
+__all__ = ["LinkEnd", "LinkSession", "RawPeer", "RelayOutcome", "Unframed", "frames_of"]
 
 UNARY = "/psn.gateway.v1.Relay/Unary"
 STREAM = "/psn.gateway.v1.Relay/Stream"
@@ -81,6 +86,9 @@ def _sealed_status(signed: relay_pb2.Signed) -> str:
 
 #: How a unary relay request travels: its own `Relay/Unary` RPC, a `Relay/Mux` channel, or a relay link.
 Via = Literal["rpc", "mux", "link"]
+
+#: How a streaming relay call travels: its own `Relay/Stream` RPC, or as a stream on a relay link.
+StreamVia = Literal["rpc", "link"]
 
 #: A relay link frame's header: the body's length, 4 bytes big-endian (gateway.relaylink).
 _LINK_HEADER = struct.Struct(">I")
@@ -252,8 +260,13 @@ class RawPeer:
         response = relay_pb2.UnaryRelayResponse.FromString(raw)
         return RelayOutcome(grpc.StatusCode.OK, "", _sealed_status(response.seal), (response,))
 
-    def stream_raw(self, frames: Iterable[bytes], *, timeout: float = 10) -> RelayOutcome:
-        """A Stream relay call sending exactly `frames` (bytes each), then half-closing."""
+    def stream_raw(self, frames: Iterable[bytes], *, timeout: float = 10, via: StreamVia = "rpc") -> RelayOutcome:
+        """A Stream relay call sending exactly `frames` (bytes each), then half-closing.
+
+        `via` "rpc": its own `Relay/Stream` RPC; "link": a stream on a relay link (`link_stream_raw`).
+        """
+        if via == "link":
+            return self.link_stream_raw(frames, timeout=timeout)
         call = self.channel.stream_stream(STREAM)
         got: list[relay_pb2.RelayFrame] = []
         try:
@@ -261,14 +274,13 @@ class RawPeer:
                 got.append(relay_pb2.RelayFrame.FromString(raw))
         except grpc.RpcError as exc:
             return RelayOutcome(exc.code(), exc.details() or "", frames=tuple(got))
-        sealed = None
-        if got and got[-1].WhichOneof("kind") == "response_seal":
-            sealed = _sealed_status(got[-1].response_seal)
-        return RelayOutcome(grpc.StatusCode.OK, "", sealed, tuple(got))
+        return _stream_outcome(got)
 
-    def stream(self, *frames: relay_pb2.RelayFrame | bytes, timeout: float = 10) -> RelayOutcome:
-        """A Stream relay call sending `frames`."""
-        return self.stream_raw(frames_of(*frames), timeout=timeout)
+    def stream(
+        self, *frames: relay_pb2.RelayFrame | bytes, timeout: float = 10, via: StreamVia = "rpc"
+    ) -> RelayOutcome:
+        """A Stream relay call sending `frames` (over `Relay/Stream`, or on a relay link: `via`)."""
+        return self.stream_raw(frames_of(*frames), timeout=timeout, via=via)
 
     def mux_raw(self, batches: Iterable[bytes], *, timeout: float = 10) -> tuple[RelayOutcome, list[Any]]:
         """A relay channel (`Relay/Mux`) sending exactly `batches`, then half-closing: its end and the answers."""
@@ -317,6 +329,31 @@ class RawPeer:
         (certificate and key files), or none at all (`anonymous`); `alpn` the protocols offered (empty:
         no ALPN extension); `tls_version` pins the TLS version offered (default: TLS 1.2 to 1.3).
         """
+        deadline = time.monotonic() + timeout
+        opened = self._connect_link(timeout, alpn=alpn, tls_version=tls_version, cert=cert, anonymous=anonymous)
+        if isinstance(opened, LinkEnd):
+            return opened, []
+        sock = opened
+        with sock:
+            chosen, version = sock.selected_alpn_protocol(), sock.version()
+            try:
+                for frame in frames:
+                    sock.sendall(frame if isinstance(frame, Unframed) else _LINK_HEADER.pack(len(frame)) + frame)
+            except OSError:
+                pass  # the host may already have ended the link: what it said before that is read below
+            end, answers = _read_link(sock, deadline, expect)
+        return replace(end, alpn=chosen, version=version), answers
+
+    def _connect_link(
+        self,
+        timeout: float,
+        *,
+        alpn: Sequence[str] = (ALPN,),
+        tls_version: ssl.TLSVersion | None = None,
+        cert: tuple[Path, Path] | None = None,
+        anonymous: bool = False,
+    ) -> ssl.SSLSocket | LinkEnd:
+        """A TLS connection to the host's relay listener, or how connecting failed."""
         target = self.directory.forces[self.host]
         if target.relay_address is None:
             raise AssertionError(f"{self.host} has no relay_address in the directory")
@@ -331,25 +368,44 @@ class RawPeer:
             context.load_cert_chain(cert_path, key_path)
         if alpn:
             context.set_alpn_protocols(list(alpn))
-        deadline = time.monotonic() + timeout
         try:
             raw_sock = socket.create_connection((name.strip("[]"), int(port)), timeout=timeout)
         except OSError as exc:
-            return LinkEnd("refused", repr(exc)), []
+            return LinkEnd("refused", repr(exc))
         try:
-            sock = context.wrap_socket(raw_sock, server_hostname=target.gateway_server_name)
+            return context.wrap_socket(raw_sock, server_hostname=target.gateway_server_name)
         except (ssl.SSLError, OSError) as exc:
             raw_sock.close()
-            return LinkEnd("handshake", repr(exc)), []
-        with sock:
-            chosen, version = sock.selected_alpn_protocol(), sock.version()
+            return LinkEnd("handshake", repr(exc))
+
+    def open_link(self, *, timeout: float = 10) -> LinkSession:
+        """An open relay link to script item by item (close it, or use it as a context manager)."""
+        opened = self._connect_link(timeout)
+        if isinstance(opened, LinkEnd):
+            raise AssertionError(f"relay link to {self.host} did not open: {opened}")
+        return LinkSession(opened)
+
+    def link_stream_raw(
+        self, frames: Iterable[bytes], *, timeout: float = 10, end: bool = True, stream_id: int = 1
+    ) -> RelayOutcome:
+        """A streaming relay call on a relay link: `frames` (bytes each) as `MuxStream` items of one stream.
+
+        Each frame goes in its own link frame, then `end` (unless `end` is False). The host's items for
+        the stream are read until its `end` or refusal, the link's end, or `timeout` seconds, granting
+        credit for every frame read (as the gateway's origin side does), and returned as `stream_raw`
+        returns them: a refusal's code as the status, else OK and the sealed status of the response
+        seal, and the frames. A link that ends first is UNAVAILABLE; a timeout DEADLINE_EXCEEDED.
+        """
+        with self.open_link(timeout=timeout) as link:
             try:
-                for frame in frames:
-                    sock.sendall(frame if isinstance(frame, Unframed) else _LINK_HEADER.pack(len(frame)) + frame)
+                for data in frames:
+                    link.send(relay_pb2.MuxStream(id=stream_id, frame=data))
+                if end:
+                    link.send(relay_pb2.MuxStream(id=stream_id, end=True))
             except OSError:
                 pass  # the host may already have ended the link: what it said before that is read below
-            end, answers = _read_link(sock, deadline, expect)
-        return replace(end, alpn=chosen, version=version), answers
+            ended = link.read_until(lambda: link.over(stream_id), timeout=timeout, credit=True)
+            return link.outcome(stream_id, ended)
 
     def link(self, *requests: tuple[int, relay_pb2.Signed, bytes], timeout: float = 10) -> dict[int, RelayOutcome]:
         """Unary calls over one relay link, all in one frame: each answer's outcome by request id."""
@@ -397,6 +453,126 @@ def _read_link(sock: ssl.SSLSocket, deadline: float, expect: int | None) -> tupl
     return LinkEnd("done"), answers
 
 
+def _stream_outcome(got: Sequence[relay_pb2.RelayFrame]) -> RelayOutcome:
+    """A stream that ended OK: the sealed status if its last frame is the response seal."""
+    sealed = None
+    if got and got[-1].WhichOneof("kind") == "response_seal":
+        sealed = _sealed_status(got[-1].response_seal)
+    return RelayOutcome(grpc.StatusCode.OK, "", sealed, tuple(got))
+
+
+class LinkSession:
+    """An open raw relay link (`RawPeer.open_link`): send batches, read what the host sends, step by step."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        #: every batch the host sent, in order
+        self.batches: list[relay_pb2.MuxBatch] = []
+        self._buffer = b""
+        self._granted: dict[int, int] = {}
+        #: how the link ended, once it has
+        self.ended: LinkEnd | None = None
+
+    def __enter__(self) -> LinkSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the link (no close_notify wait)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(
+        self,
+        *items: relay_pb2.MuxStream,
+        requests: Sequence[relay_pb2.MuxRequest] = (),
+        cancels: Sequence[int] = (),
+    ) -> None:
+        """Send one link frame: a batch of these stream items, requests and cancels."""
+        batch = relay_pb2.MuxBatch(streams=items, requests=requests, cancels=cancels)
+        self.send_raw(batch.SerializeToString())
+
+    def send_raw(self, body: bytes) -> None:
+        """Send `body` as one link frame (its length header added)."""
+        self.sock.sendall(_LINK_HEADER.pack(len(body)) + body)
+
+    def items(self, stream_id: int) -> list[relay_pb2.MuxStream]:
+        """The host's items for one stream, in order."""
+        return [i for b in self.batches for i in b.streams if i.id == stream_id]
+
+    def frames(self, stream_id: int) -> list[relay_pb2.RelayFrame]:
+        """The host's frames for one stream, parsed."""
+        return [relay_pb2.RelayFrame.FromString(i.frame) for i in self.items(stream_id) if i.frame]
+
+    def responses(self) -> list[relay_pb2.MuxResponse]:
+        """The host's answers to unary requests."""
+        return [a for b in self.batches for a in b.responses]
+
+    def over(self, stream_id: int) -> bool:
+        """The host ended the stream (`end` or a refusal)."""
+        return any(i.end or i.HasField("refusal") for i in self.items(stream_id))
+
+    def read_until(self, done: Callable[[], bool], *, timeout: float = 10, credit: bool = False) -> LinkEnd | None:
+        """Read batches until `done()` holds (None), or how the link ended first (also kept in `ended`).
+
+        `credit`: grant each stream back the bytes of the frames read, as a reading origin does.
+        """
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.ended is not None:
+                return self.ended
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return LinkEnd("timeout", f"{len(self.batches)} batches")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                return LinkEnd("timeout", f"{len(self.batches)} batches")
+            except OSError as exc:  # ssl.SSLError included
+                self.ended = LinkEnd("reset", repr(exc))
+                continue
+            if not chunk:
+                self.ended = LinkEnd("eof", f"{len(self._buffer)} bytes of an unfinished frame" if self._buffer else "")
+                continue
+            self._buffer += chunk
+            while len(self._buffer) >= _LINK_HEADER.size:
+                (size,) = _LINK_HEADER.unpack_from(self._buffer)
+                if len(self._buffer) < _LINK_HEADER.size + size:
+                    break
+                body = self._buffer[_LINK_HEADER.size : _LINK_HEADER.size + size]
+                self._buffer = self._buffer[_LINK_HEADER.size + size :]
+                batch = relay_pb2.MuxBatch.FromString(body)
+                self.batches.append(batch)
+                if credit:
+                    self._grant(batch)
+        return None
+
+    def _grant(self, batch: relay_pb2.MuxBatch) -> None:
+        grants: dict[int, int] = {}
+        for item in batch.streams:
+            if item.frame:
+                grants[item.id] = grants.get(item.id, 0) + len(item.frame)
+        if grants:
+            with contextlib.suppress(OSError):
+                self.send(*(relay_pb2.MuxStream(id=i, credit=n) for i, n in grants.items()))
+
+    def outcome(self, stream_id: int, ended: LinkEnd | None = None) -> RelayOutcome:
+        """How one stream ended, as `RawPeer.stream_raw` reports it."""
+        got = tuple(self.frames(stream_id))
+        for item in self.items(stream_id):
+            if item.HasField("refusal"):
+                code = grpc.StatusCode(_CODES.get(item.refusal.code, grpc.StatusCode.UNKNOWN.value))
+                return RelayOutcome(code, item.refusal.message, frames=got)
+            if item.end:
+                return _stream_outcome(got)
+        if ended is not None and ended.how == "timeout":
+            return RelayOutcome(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end of the stream: {ended}", frames=got)
+        return RelayOutcome(grpc.StatusCode.UNAVAILABLE, f"relay link ended: {ended}", frames=got)
+
+
 def _outcomes(answers: Iterable[relay_pb2.MuxResponse]) -> dict[int, RelayOutcome]:
     """Relay channel answers as outcomes by request id (a refusal's code as the RPC status)."""
     out: dict[int, RelayOutcome] = {}
@@ -435,6 +611,7 @@ __all__ += [
     "UNARY",
     "WITNESS",
     "CallType",
+    "StreamVia",
     "Via",
     "envelope_frame",
     "message_frame",

@@ -59,6 +59,7 @@ from tests.integration._hostile_peer import (
     WITNESS,
     RawPeer,
     RelayOutcome,
+    StreamVia,
     Via,
     envelope_frame,
     message_frame,
@@ -122,6 +123,9 @@ class Ctx:
     #: how unary relay cases send their request: `Relay/Unary` ("rpc"), or as the only call on a relay
     #: channel over `Relay/Mux` ("mux") or over a relay link ("link", gateway.relaylink)
     via: Via = "rpc"
+    #: how stream relay cases send their frames: a `Relay/Stream` RPC ("rpc"), or as a stream on a relay link
+    #: ("link", gateway.muxstream)
+    stream_via: StreamVia = "rpc"
 
     def peer(self, origin: str, host: str) -> RawPeer:
         """`origin`'s gateway, talking raw relay to `host`."""
@@ -262,7 +266,7 @@ def _stream(ctx: Ctx, build: Callable[[RawPeer, Any, relay_pb2.Signed], list[Any
     p = ctx.peer(HANTS, SURREY)
     env = p.envelope(env_kw.pop("method", REVIEW), officer=ctx.officer, **env_kw)
     signed = p.sign(env)
-    return relay(p.stream(*build(p, env, signed)))
+    return relay(p.stream(*build(p, env, signed), via=ctx.stream_via))
 
 
 def _server_stream(ctx: Ctx, messages: list[bytes]) -> Outcome:
@@ -270,7 +274,7 @@ def _server_stream(ctx: Ctx, messages: list[bytes]) -> Outcome:
     p = ctx.peer(SURREY, TV)
     env = p.envelope(STREAM_MATCHES, message=SEARCH_MSG, officer=ctx.officer)
     frames = [envelope_frame(p.sign(env)), *(message_frame(i, m) for i, m in enumerate(messages))]
-    return relay(p.stream(*frames))
+    return relay(p.stream(*frames, via=ctx.stream_via))
 
 
 def _seal_of_another_call(p: RawPeer, env: Any, signed: relay_pb2.Signed) -> list[Any]:
@@ -553,7 +557,7 @@ def _relay_cases() -> dict[str, Any]:
         ),
         "relay: garbage bytes (first stream frame)": pytest.param(
             Case(
-                lambda c: relay(c.peer(HANTS, SURREY).stream(b"\xff\xff\xff")),
+                lambda c: relay(c.peer(HANTS, SURREY).stream(b"\xff\xff\xff", via=c.stream_via)),
                 "INVALID_ARGUMENT",
                 Audit("envelope", "does not parse", by_officer=False),
                 at=SURREY,
@@ -697,13 +701,13 @@ def _stream_cases() -> dict[str, Case]:
     unauth = "UNAUTHENTICATED"
     return {
         "stream: closed before its envelope": Case(
-            lambda c: relay(c.peer(HANTS, SURREY).stream()),
+            lambda c: relay(c.peer(HANTS, SURREY).stream(via=c.stream_via)),
             "INVALID_ARGUMENT",
             Audit("forward", "closed before its envelope", by_officer=False),
             at=SURREY,
         ),
         "stream: a message before the envelope": Case(
-            lambda c: relay(c.peer(HANTS, SURREY).stream(message_frame(0, COMMENT))),
+            lambda c: relay(c.peer(HANTS, SURREY).stream(message_frame(0, COMMENT), via=c.stream_via)),
             "INVALID_ARGUMENT",
             Audit("envelope", "did not start with an envelope", by_officer=False),
             at=SURREY,
@@ -711,7 +715,8 @@ def _stream_cases() -> dict[str, Case]:
         "stream: a unary envelope on the stream relay": Case(
             lambda c: relay(
                 c.peer(SURREY, TV).stream(
-                    envelope_frame(c.peer(SURREY, TV).sign(c.peer(SURREY, TV).envelope(SEARCH, message=SEARCH_MSG)))
+                    envelope_frame(c.peer(SURREY, TV).sign(c.peer(SURREY, TV).envelope(SEARCH, message=SEARCH_MSG))),
+                    via=c.stream_via,
                 )
             ),
             "INVALID_ARGUMENT",
@@ -899,6 +904,34 @@ def test_unary_relay_case_over_a_relay_link(ctx: Ctx, case: Case) -> None:
 
 def test_some_unary_relay_cases_run_over_relay_channels() -> None:
     assert len(list(_unary_relay_params())) >= 15
+
+
+#: Stream cases a relay link cannot carry: a stream on a link begins with its first frame, so a stream
+#: "closed before its envelope" is an `end` for a stream that never began, which starts nothing
+#: (test_relay_links.py: test_stream_items_for_a_stream_that_never_began_start_nothing_and_record_nothing).
+_NOT_ON_A_LINK = ("stream: closed before its envelope",)
+
+
+def _stream_relay_params() -> Iterator[Any]:
+    for name, entry in CASES.items():
+        case, marks = (entry, ()) if isinstance(entry, Case) else (entry.values[0], entry.marks)
+        if {"stream", "_stream", "_server_stream"} & set(case.run.__code__.co_names) and name not in _NOT_ON_A_LINK:
+            yield pytest.param(case, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("case", list(_stream_relay_params()))
+def test_stream_relay_case_on_a_relay_link(ctx: Ctx, case: Case) -> None:
+    """Every hostile streaming relay call meets the same refusal and record as a stream on a relay link."""
+    assert ctx.net.layout.directory().forces[case.at].relay_address is not None, "the corpus network has links"
+    ctx.stream_via = "link"
+    _check_case(ctx, case)
+
+
+def test_every_stream_relay_case_runs_on_a_relay_link() -> None:
+    ids = {p.id for p in _stream_relay_params()}
+    streams = {name for name in CASES if name.startswith("stream:") or "stream frame" in name}
+    assert streams - ids == set(_NOT_ON_A_LINK), sorted(streams - ids)
+    assert len(ids) >= 14
 
 
 def _check_case(ctx: Ctx, case: Case) -> None:

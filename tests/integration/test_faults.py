@@ -30,7 +30,9 @@ from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_gr
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.breaker import BreakerState
 from gateway.envelope import MessageDigest, ResponseSeal, Signer, seal_response
+from gateway.relaylink import LinkConnection, RelayLinkListener, server_context
 from gateway.server import Gateway
+from gateway.tls import KeyPair
 from tests.integration._hostile_common import (
     append_config,
     case_files,
@@ -76,9 +78,10 @@ unit_burst = 10000
 """
 
 
-@pytest.fixture(scope="module")
-def fnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
-    net = NetworkThread(tmp_path_factory.mktemp("faults-net"))
+@pytest.fixture(scope="module", params=["links", "grpc"])
+def fnet(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[NetworkThread]:
+    # Every fault twice: gateways relaying over relay links (the default), and over gRPC only.
+    net = NetworkThread(tmp_path_factory.mktemp("faults-net"), relay_links=request.param == "links")
     append_config(net, _CONFIG, audit=f"lock_timeout_seconds = {LOCK_TIMEOUT}")
     net.start()
     yield net
@@ -307,6 +310,44 @@ def _lying_host(fnet: NetworkThread, answer: Any) -> Any:
     )
 
 
+def _lying_link_host(fnet: NetworkThread, current: dict[str, list[bytes]]) -> RelayLinkListener | None:
+    """On Surrey's relay port (if the network has one): a stand-in answering each stream with `current["frames"]`."""
+    layout = fnet.layout
+    if not layout.ports[SURREY].relay:
+        return None
+    tls = layout.material[SURREY].gateway_tls
+    roots = b"".join(layout.material[f].ca.read_bytes() for f in layout.material)
+    context = server_context(KeyPair.load(tls.cert_path, tls.key_path), roots)
+
+    async def serve(_certificate: bytes, connection: LinkConnection) -> None:
+        seen: set[int] = set()
+        while (raw := await connection.read()) is not None:
+            for item in relay_pb2.MuxBatch.FromString(raw).streams:
+                if not item.frame or item.id in seen:
+                    continue
+                seen.add(item.id)
+                frames = current["frames"]
+                if frames in ([b"INTERNAL"], [b"UNKNOWN"]):
+                    code = grpc.StatusCode[frames[0].decode()].value[0]
+                    refusal = relay_pb2.MuxRefusal(code=code, message="Traceback: /srv/psn/gateway.py line 12")
+                    items = [relay_pb2.MuxStream(id=item.id, refusal=refusal)]
+                else:
+                    items = [relay_pb2.MuxStream(id=item.id, frame=f) for f in frames]
+                    items.append(relay_pb2.MuxStream(id=item.id, end=True))
+                connection.write(relay_pb2.MuxBatch(streams=items).SerializeToString())
+                await connection.drain()
+
+    listener = RelayLinkListener(
+        f"127.0.0.1:{layout.ports[SURREY].relay}",
+        context=lambda: context,
+        handle=serve,
+        reuse_port=False,
+        max_frame=8 << 20,
+    )
+    fnet.run(listener.start())
+    return listener
+
+
 def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: NetworkThread) -> None:
     # Surrey's gateway is replaced by one that holds Surrey's real TLS and signing keys but answers
     # unsealed, garbage, or with a seal of another call. Hampshire's gateway must believe none of it.
@@ -343,6 +384,7 @@ def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: N
 
     fnet.run(fnet.network.gateways[SURREY].stop(grace=0))
     liar = _lying_host(fnet, answer)
+    link_liar = _lying_link_host(fnet, current)
     try:
         for name, frames in answers.items():
             current["frames"] = frames
@@ -367,6 +409,8 @@ def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: N
             assert closed.response_messages == sent, (name, closed.response_messages)
     finally:
         fnet.run(liar.stop(0))
+        if link_liar is not None:
+            fnet.run(link_liar.stop(0))
         fnet.run(fnet.network.start_gateway(SURREY))
     back_to_service(fnet, SURREY)
 

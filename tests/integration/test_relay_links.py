@@ -8,13 +8,18 @@ an oversized or unparseable frame ends the link with a recorded INVALID_ARGUMENT
 on a link is refused and recorded without harming the calls beside it; the origin never sends a
 call to a listener whose certificate is not the host's gateway's; and a host that stops lets the
 calls in flight on its links finish, then ends the links. After every refusal the gateway serves on.
-(The hostile-envelope corpus also runs every unary relay case over a relay link: test_corpus.py;
-revocation of a link host's certificate: test_trust.py.)
+Streaming calls travel on links too (gateway.muxstream), each recorded at both ends with the same
+seal; a peer that floods a stream past its flow-control window gets the link ended with a recorded
+INVALID_ARGUMENT; a stream the origin cancels is recorded as cancelled; stream items for a stream
+that never began start nothing.
+(The hostile-envelope corpus also runs every unary and stream relay case over a relay link:
+test_corpus.py; revocation of a link host's certificate: test_trust.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import ssl
@@ -34,13 +39,31 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import pki
 from gateway import server as server_module
+from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_grpc
+from gateway._proto.psn.demo.custody.v1 import custody_pb2, custody_pb2_grpc
+from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.errors import GatewayError, Unavailable
-from gateway.relaylink import FRAME_OVERHEAD, RelayLinkListener, TlsLink, server_context
+from gateway.muxstream import _SLACK, WINDOW
+from gateway.relaylink import FRAME_OVERHEAD, LinkConnection, RelayLinkListener, TlsLink, server_context
 from gateway.server import LINK_METHOD, Gateway
 from gateway.tls import KeyPair
-from tests.integration._hostile_common import SEARCH, SEARCH_MSG, fresh_officer, relay_network, still_serving
-from tests.integration._hostile_peer import RawPeer, Unframed
+from tests.integration._hostile_common import (
+    SEARCH,
+    SEARCH_MSG,
+    case_files,
+    fresh_officer,
+    relay_network,
+    still_serving,
+)
+from tests.integration._hostile_peer import (
+    CallType,
+    LinkSession,
+    RawPeer,
+    Unframed,
+    envelope_frame,
+    message_frame,
+)
 from tests.netharness import NetworkThread, records_since, search, wait_for
 
 pytestmark = pytest.mark.integration
@@ -326,6 +349,258 @@ def test_a_request_id_already_in_flight_on_a_link_is_refused(lnet: NetworkThread
     assert len(refused) == 1 and "already in flight" in refused[0].refusal_reason, _shape(refused)
 
 
+# -- streaming calls on links ---------------------------------------------------------------------
+
+#: An officer of Thames Valley's custody unit: bulk look-ups (a client stream hosted by Hampshire) are theirs.
+CUSTODY_OFFICER: dict[str, Any] = {"units": ("tvp-custody",), "roles": ("custody-officer",), "clearance": "NPPV3"}
+
+#: Bytes of each bidi message (and its acknowledgement): the stream crosses its window many times each way.
+BIG = 200_000
+
+REVIEW = "/psn.demo.casefiles.v1.CaseFiles/Review"
+COMMENT = casefiles_pb2.ReviewComment(case_reference="C1", paragraph="1", comment="ok").SerializeToString()
+
+
+def _switch_off_grpc_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relay/Unary, Relay/Stream and Relay/Mux answer UNIMPLEMENTED at every gateway: only links carry calls."""
+    monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
+    monkeypatch.setattr(server_module, "_RELAY_STREAM", "/psn.gateway.v1.Relay/Switched-Off-Stream")
+    monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
+
+
+def _stream_calls(net: NetworkThread, officer: str) -> None:
+    """A server, a bidi and a client stream, each to another force, each checked."""
+    with net.officer_channel(SURREY, officer=officer) as ch:  # intel-search: Thames Valley
+        matches = intel_pb2_grpc.IntelligenceSearchStub(ch).StreamMatches(
+            intel_pb2.SearchRequest(subject="alpha"), timeout=10
+        )
+        assert [m.report_id for m in matches] == ["IR-0001", "IR-0002", "IR-0004"]
+    with net.officer_channel(TV, officer=officer) as ch:  # case-files: Surrey
+        assert case_files(ch) == ("OK", "")
+        comments = [
+            casefiles_pb2.ReviewComment(case_reference="C1", paragraph=chr(97 + i) * BIG, comment="ok")
+            for i in range(16)
+        ]
+        acks = list(casefiles_pb2_grpc.CaseFilesStub(ch).Review(iter(comments), timeout=30))
+        assert [a.sequence for a in acks] == list(range(1, 17))
+        assert [a.paragraph for a in acks] == [c.paragraph for c in comments]  # 3.2 MB each way, intact
+    with net.officer_channel(TV, officer=officer, **CUSTODY_OFFICER) as ch:  # custody-records: Hampshire
+        numbers = [f"HC/{n:05d}/26" for n in (1, 2, 3)] + ["HC/88888/26"]
+        summary = custody_pb2_grpc.CustodyRecordsStub(ch).BulkLookup(
+            (custody_pb2.GetRecordRequest(custody_number=n) for n in numbers), timeout=10
+        )
+        assert [r.custody_number for r in summary.found] == numbers[:3]
+        assert list(summary.not_found) == ["HC/88888/26"]
+
+
+def test_streaming_calls_travel_over_relay_links_and_each_is_recorded_at_both_ends(
+    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With every gRPC relay method switched off, only relay links can carry a relayed stream.
+    _switch_off_grpc_relay(monkeypatch)
+    officer = fresh_officer()
+    since = time.time()
+    _stream_calls(lnet, officer)
+    for origin, host in ((SURREY, TV), (TV, SURREY), (TV, HANTS)):
+        mux = _gateway(lnet, origin).relay.mux
+        assert mux is not None and mux.transport(host) == "link"
+        links = [s for (h, _), s in mux._streams.items() if h == host and s.closed is None]
+        assert links and all(isinstance(s.pipe, TlsLink) for s in links), (origin, host)
+
+    def final(force: str) -> list[Any]:
+        rows = [r for r in records_since(lnet, force, since) if r.officer_id == officer]
+        return [r for r in rows if r.event != "stream-open"]
+
+    origin = final(SURREY) + final(TV)
+    host = [r for force in (TV, SURREY, HANTS) for r in final(force) if r.peer.endswith(".se.psn/gateway")]
+    assert sorted(r.method for r in host) == sorted(
+        [
+            "/psn.demo.intel.v1.IntelligenceSearch/StreamMatches",
+            "/psn.demo.casefiles.v1.CaseFiles/FetchDocument",
+            REVIEW,
+            "/psn.demo.custody.v1.CustodyRecords/BulkLookup",
+        ]
+    ), [(r.method, r.event, r.status) for r in host]
+    assert all(r.status == "OK" for r in host), [(r.method, r.status, r.refusal_reason) for r in host]
+    by_id = {r.request_id: r for r in origin}
+    for r in host:
+        mine = by_id[r.request_id]  # the same call, recorded at its origin
+        assert mine.status == "OK" and mine.method == r.method
+        assert r.seal_signature and mine.seal_signature == r.seal_signature, r.method
+        assert r.envelope_signature and mine.envelope_signature == r.envelope_signature, r.method
+
+
+def test_a_finished_stream_is_forgotten_by_its_link(lnet: NetworkThread) -> None:
+    with lnet.officer_channel(SURREY, officer=fresh_officer()) as ch:
+        matches = intel_pb2_grpc.IntelligenceSearchStub(ch).StreamMatches(
+            intel_pb2.SearchRequest(subject="alpha"), timeout=10
+        )
+        assert len(list(matches)) == 3
+    mux = _gateway(lnet, SURREY).relay.mux
+    assert mux is not None
+
+    def held() -> dict[int, Any]:
+        return {i: c for (h, _), s in list(mux._streams.items()) if h == TV for i, c in s._calls.items()}
+
+    wait_for(lambda: not held(), "the origin to forget the finished stream", timeout=2)
+
+
+def _stream_item(stream_id: int, frame: relay_pb2.RelayFrame) -> relay_pb2.MuxStream:
+    return relay_pb2.MuxStream(id=stream_id, frame=frame.SerializeToString())
+
+
+def _fetch(peer: RawPeer, link: LinkSession, stream_id: int) -> str:
+    """A good FetchDocument (a server stream Surrey hosts) on `link`: the status it ended with."""
+    request = casefiles_pb2.FetchDocumentRequest(case_reference="C", document_id="D").SerializeToString()
+    env = peer.envelope("/psn.demo.casefiles.v1.CaseFiles/FetchDocument", message=request, officer=fresh_officer())
+    assert env.call_type is CallType.SERVER_STREAM
+    link.send(
+        _stream_item(stream_id, envelope_frame(peer.sign(env))),
+        _stream_item(stream_id, message_frame(0, request)),
+        relay_pb2.MuxStream(id=stream_id, end=True),
+    )
+    assert link.read_until(lambda: link.over(stream_id), credit=True) is None, link.ended
+    return link.outcome(stream_id).status
+
+
+def test_a_peer_that_floods_a_stream_past_its_window_gets_the_link_ended_with_a_recorded_refusal(
+    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the stream at the host once it is admitted and recorded open, before its application is
+    # called: from then on nothing reads the stream's frames, so nothing is granted back.
+    host = _gateway(lnet, SURREY)
+    entered = threading.Event()
+    gate = asyncio.Event()
+    open_upstream = host.open_upstream
+
+    async def held(call: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await open_upstream(call)
+
+    monkeypatch.setattr(host, "open_upstream", held)
+    peer = RawPeer(lnet, HANTS, SURREY)
+    officer = fresh_officer()
+    since = time.time()
+    big = _stream_item(1, message_frame(0, b"x" * (1 << 20)))
+    flood = (WINDOW + _SLACK) // len(big.frame) + 3  # past the window and the slack for one frame
+    try:
+        with peer.open_link() as link:
+            link.send(_stream_item(1, envelope_frame(peer.sign(peer.envelope(REVIEW, officer=officer)))))
+            assert entered.wait(10), "the stream never reached the host's application stage"
+            with contextlib.suppress(OSError):  # the host may end the link while the flood is still going out
+                for _ in range(flood):
+                    link.send(big)
+            ended = link.read_until(lambda: False, timeout=10)
+    finally:
+        lnet.loop.call_soon_threadsafe(gate.set)
+        peer.close()
+    assert ended is not None and ended.closed_by_host, ended
+    assert kinds_sent(link, 1) == [], "the host sent nothing for the flooded stream"
+    rows = records_since(lnet, SURREY, since)
+    refused = [r for r in rows if r.method == LINK_METHOD]
+    assert [r.status for r in refused] == ["INVALID_ARGUMENT"], _shape(rows)
+    assert "flow-control window" in refused[0].refusal_reason, _shape(rows)
+    assert refused[0].peer == f"spiffe://{HANTS}.se.psn/gateway"
+    # The stream itself: recorded open, then cancelled as its link ended.
+    wait_for(
+        lambda: [r.status for r in records_since(lnet, SURREY, since) if r.officer_id == officer][-1:] == ["CANCELLED"],
+        "the flooded stream to be recorded as cancelled",
+        timeout=5,
+    )
+    still_serving(lnet, SURREY)
+
+
+def kinds_sent(link: LinkSession, stream_id: int) -> list[str]:
+    """What the host sent on one stream, credit aside."""
+    out = []
+    for item in link.items(stream_id):
+        out += ["frame"] * bool(item.frame) + ["refusal"] * item.HasField("refusal") + ["end"] * item.end
+    return out
+
+
+def test_a_stream_the_origin_cancels_mid_way_is_recorded_cancelled_and_the_link_serves_on(lnet: NetworkThread) -> None:
+    peer = RawPeer(lnet, HANTS, SURREY)
+    officer = fresh_officer()
+    since = time.time()
+    try:
+        with peer.open_link() as link:
+            link.send(
+                _stream_item(1, envelope_frame(peer.sign(peer.envelope(REVIEW, officer=officer)))),
+                _stream_item(1, message_frame(0, COMMENT)),
+            )
+            # The first acknowledgement: the call is running at the host's application.
+            first_ack = link.read_until(lambda: bool(link.frames(1)) and link.frames(1)[-1].HasField("message"))
+            assert first_ack is None, link.ended
+            link.send(relay_pb2.MuxStream(id=1, cancel=True))
+            wait_for(
+                lambda: any(
+                    r.status == "CANCELLED" for r in records_since(lnet, SURREY, since) if r.officer_id == officer
+                ),
+                "the host to record the stream as cancelled",
+                timeout=5,
+            )
+            # The link serves on: a second stream on it.
+            assert _fetch(peer, link, 3) == "OK"
+            assert "end" not in kinds_sent(link, 1) and "refusal" not in kinds_sent(link, 1)
+    finally:
+        peer.close()
+    mine = [(r.event, r.status) for r in records_since(lnet, SURREY, since) if r.officer_id == officer]
+    assert mine == [("stream-open", ""), ("stream-close", "CANCELLED")], mine
+    still_serving(lnet, SURREY)
+
+
+def test_stream_items_for_a_stream_that_never_began_start_nothing_and_record_nothing(lnet: NetworkThread) -> None:
+    # An end, a cancel, a credit, or an empty frame for an id that never had a frame: no stream begins.
+    peer = RawPeer(lnet, SURREY, TV)
+    officer = fresh_officer()
+    since = time.time()
+    try:
+        with peer.open_link() as link:
+            link.send(
+                relay_pb2.MuxStream(id=1, end=True),
+                relay_pb2.MuxStream(id=3, cancel=True),
+                relay_pb2.MuxStream(id=5, credit=1 << 20),
+                relay_pb2.MuxStream(id=7, frame=b""),
+            )
+            signed = peer.sign(peer.envelope(SEARCH, message=SEARCH_MSG, officer=officer))
+            link.send(
+                requests=[
+                    relay_pb2.MuxRequest(id=9, request=relay_pb2.UnaryRelayRequest(envelope=signed, message=SEARCH_MSG))
+                ]
+            )
+            assert link.read_until(lambda: bool(link.responses())) is None, link.ended
+            assert all(not b.streams for b in link.batches), link.batches
+    finally:
+        peer.close()
+    [answer] = link.responses()
+    assert answer.id == 9 and answer.HasField("response"), answer
+    rows = records_since(lnet, TV, since)
+    assert [(r.officer_id, r.status) for r in rows] == [(officer, "OK")], _shape(rows)
+
+
+def test_frames_still_arriving_for_a_stream_the_host_ended_start_nothing(lnet: NetworkThread) -> None:
+    # The host refuses a stream at its envelope (a bad signature) while the origin still sends its messages.
+    peer = RawPeer(lnet, HANTS, SURREY)
+    signed = peer.sign(peer.envelope(REVIEW, officer=fresh_officer()))
+    signed.signature = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
+    since = time.time()
+    try:
+        with peer.open_link() as link:
+            link.send(_stream_item(1, envelope_frame(signed)))
+            assert link.read_until(lambda: link.over(1)) is None, link.ended
+            assert link.outcome(1).code is grpc.StatusCode.UNAUTHENTICATED
+            link.send(_stream_item(1, message_frame(0, COMMENT)), _stream_item(1, message_frame(1, COMMENT)))
+            assert _fetch(peer, link, 3) == "OK"
+            link.read_until(lambda: kinds_sent(link, 1).count("refusal") > 1, timeout=1)
+            refusals = kinds_sent(link, 1).count("refusal")
+    finally:
+        peer.close()
+    rows = records_since(lnet, SURREY, since)
+    assert [r.refusal_stage for r in rows if r.refusal_stage] == ["envelope"], _shape(rows)
+    assert refusals == 1
+
+
 # -- the origin checks the host -------------------------------------------------------------------
 
 
@@ -385,10 +660,10 @@ def test_the_origin_sends_nothing_over_a_link_whose_host_is_not_that_forces_gate
     }
     received: list[bytes] = []
 
-    async def swallow(_cert: bytes, reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+    async def swallow(_cert: bytes, connection: LinkConnection) -> None:
         try:
-            received.append(await reader.read())
-        except (OSError, ConnectionError):
+            received.append(await connection.read() or b"")  # None: closed without a frame
+        except (GatewayError, OSError):
             received.append(b"")
 
     async def attempt(keypair: KeyPair | None) -> str:
@@ -396,7 +671,9 @@ def test_the_origin_sends_nothing_over_a_link_whose_host_is_not_that_forces_gate
         target = real_target
         if keypair is not None:
             context = server_context(keypair, roots)
-            listener = RelayLinkListener("127.0.0.1:0", context=lambda: context, handle=swallow, reuse_port=False)
+            listener = RelayLinkListener(
+                "127.0.0.1:0", context=lambda: context, handle=swallow, reuse_port=False, max_frame=1 << 20
+            )
             target = dataclasses.replace(real_target, address=f"127.0.0.1:{await listener.start()}")
         link = TlsLink(TV, target, check=partial(origin._check_link_host, TV), max_frame=1 << 20)
         try:

@@ -590,6 +590,59 @@ class MuxResponse(_message.Message):
 Global___MuxResponse: _TypeAlias = MuxResponse  # noqa: Y015
 
 @_typing.final
+class MuxStream(_message.Message):
+    """One step of a streaming call carried on a relay channel: the RelayFrames of
+    a Relay/Stream call, with flow control per stream. The origin numbers its
+    streams upwards (the host keeps them apart from unary requests): an item for
+    an id at or below the highest stream id seen, and not running, starts nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    frame: _builtins.bytes
+    """One RelayFrame, serialized exactly as on Relay/Stream."""
+    end: _builtins.bool
+    """The sender sends nothing more on this stream (the origin: its request
+    side is done; the host: the call is over, its response seal sent).
+    """
+    cancel: _builtins.bool
+    """The origin abandons the stream (its caller cancelled or its deadline passed)."""
+    credit: _builtins.int
+    """Frame bytes the receiver of this item may send on the stream, on top of
+    what it was allowed so far (each side starts with a window of 1 MiB).
+    """
+    @_builtins.property
+    def refusal(self) -> Global___MuxRefusal:
+        """The host ends the stream with this status, unsealed (a refusal before the
+        envelope verified), as Relay/Stream ends with a gRPC status.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        frame: _builtins.bytes = ...,
+        end: _builtins.bool = ...,
+        refusal: Global___MuxRefusal | None = ...,
+        cancel: _builtins.bool = ...,
+        credit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "credit", b"credit", "end", b"end", "frame", b"frame", "id", b"id", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxStream: _TypeAlias = MuxStream  # noqa: Y015
+
+@_typing.final
 class MuxBatch(_message.Message):
     """What one message on a Mux stream carries, in either direction: the origin
     sends requests and cancellations, the host sends responses.
@@ -600,6 +653,7 @@ class MuxBatch(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     RESPONSES_FIELD_NUMBER: _builtins.int
     CANCELS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxRequest]: ...
     @_builtins.property
@@ -608,16 +662,21 @@ class MuxBatch(_message.Message):
     def cancels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Ids of requests whose caller gave up (cancelled or past its deadline)."""
 
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxStream]:
+        """Steps of streaming calls, in order per stream."""
+
     def __init__(
         self,
         *,
         requests: _abc.Iterable[Global___MuxRequest] | None = ...,
         responses: _abc.Iterable[Global___MuxResponse] | None = ...,
         cancels: _abc.Iterable[_builtins.int] | None = ...,
+        streams: _abc.Iterable[Global___MuxStream] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "requests", b"requests", "responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "requests", b"requests", "responses", b"responses", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
