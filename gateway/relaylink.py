@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -141,6 +143,10 @@ class LinkConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport; tell the owner."""
         self.transport = cast(asyncio.Transport, transport)  # a TCP (TLS) connection reads and writes
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # a frame goes out when written, not when the last one is acked
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._on_open is not None:
             self._on_open(self)
 
