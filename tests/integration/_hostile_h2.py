@@ -234,14 +234,10 @@ def grpc_call(
     timeout: float = 10.0,
     grpc_timeout: bytes | None = b"10S",
     body: bytes | None = None,
-    ack_settings: bool = True,
 ) -> H2Result:
     """One gRPC call over a fresh connection, with exactly the `metadata` given (raw bytes).
 
     `body`, if given, is sent as the request's DATA as it is (no gRPC message prefix added).
-    `ack_settings=False`: the server's SETTINGS are never acknowledged, so none of its limits bind this
-    client (grpc applies its metadata limit only once they are; acknowledged while grpc is still parsing a
-    large header block, they apply part-way through it, which made such a case go either way).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = True
@@ -298,8 +294,7 @@ def grpc_call(
             stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
             payload = _recv_exact(sock, length)
             if kind == _SETTINGS and not flags & _ACK:
-                if ack_settings:
-                    sock.sendall(_frame(_SETTINGS, _ACK, 0, b""))
+                sock.sendall(_frame(_SETTINGS, _ACK, 0, b""))
             elif kind == _PING and not flags & _ACK:
                 sock.sendall(_frame(_PING, _ACK, 0, payload))
             elif kind == _GOAWAY:
