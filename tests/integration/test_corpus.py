@@ -332,8 +332,11 @@ def _metadata_cases() -> dict[str, Any]:
             "INVALID_ARGUMENT",
             Audit("metadata", "more than 64 metadata entries", by_officer=False),
         ),
-        "metadata: 20,000 headers": Case(
-            lambda c: raw(c, [(b"x-%d" % i, b"v") for i in range(20_000)]),
+        # 1,000 headers stay under grpc's own metadata limit (4 times the gateway's), so they always reach the
+        # metadata stage. A flood above it (20,000) was refused by grpc (RESOURCE_EXHAUSTED, unrecorded) or by
+        # the stage (recorded) depending on timing inside grpc: about one run in 25 went grpc's way.
+        "metadata: 1,000 headers": Case(
+            lambda c: raw(c, [(b"x-%d" % i, b"v") for i in range(1_000)]),
             "INVALID_ARGUMENT",
             Audit("metadata", "more than 64 metadata entries", by_officer=False),
         ),
