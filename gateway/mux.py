@@ -168,8 +168,12 @@ class _ClientStream:
             asyncio.get_running_loop().create_task(self._read_loop()),
         )
 
-    async def call(self, request: relay_pb2.UnaryRelayRequest, timeout: float | None) -> relay_pb2.MuxResponse:
-        """Send one request; its answer, `Unavailable` if the stream breaks, `DeadlineExceeded` at `timeout`."""
+    def check(self) -> None:
+        """Check the channel before a call on it.
+
+        `Unavailable` if it is closed; `_NotTrustedNow` (closing it) if its host is no longer trusted as it was
+        at connect.
+        """
         if self.closed is not None:
             raise _as_unavailable(self.closed, self.host)
         try:
@@ -177,6 +181,11 @@ class _ClientStream:
         except Unavailable as exc:
             self._close(exc)
             raise _NotTrustedNow(exc.reason) from exc
+
+    async def call(self, request: relay_pb2.UnaryRelayRequest, timeout: float | None) -> relay_pb2.MuxResponse:
+        """Send one request; its answer, `Unavailable` if the stream breaks, `DeadlineExceeded` at `timeout`."""
+        if self.closed is not None:
+            raise _as_unavailable(self.closed, self.host)
         call_id = next(self._ids)
         future: asyncio.Future[relay_pb2.MuxResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
@@ -201,11 +210,6 @@ class _ClientStream:
         """Start a streaming call on this channel (its frames go by `LinkStreamCall.write`)."""
         if self.closed is not None:
             raise _as_unavailable(self.closed, self.host)
-        try:
-            self.pipe.recheck()
-        except Unavailable as exc:
-            self._close(exc)
-            raise _NotTrustedNow(exc.reason) from exc
         stream_id = next(self._ids)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         call = LinkStreamCall(
@@ -419,15 +423,7 @@ class MuxClient:
         Raises `MuxUnsupported` (nothing was delivered), `Unavailable` or `DeadlineExceeded`.
         """
         try:
-            for _ in range(self._links):
-                try:
-                    return await self._stream(host).call(request, timeout)
-                except _NotTrustedNow:
-                    # Nothing was sent; that channel is closed. The host may have a new certificate (a
-                    # revoked one replaced): a new channel checks what it presents now, and fails the
-                    # call if that is no better.
-                    continue
-            return await self._stream(host).call(request, timeout)
+            return await self._trusted(host).call(request, timeout)
         except MuxUnsupported:
             self._unsupported[host] = self._clock.monotonic() + self._fallback
             log.warning("the gateway of %s does not serve Relay/Mux: relaying by Relay/Unary", host)
@@ -435,12 +431,23 @@ class MuxClient:
 
     def open_stream(self, host: str, *, timeout: float | None) -> LinkStreamCall:
         """Start a streaming call to `host` over a relay link (`Unavailable` if none can carry it now)."""
+        return self._trusted(host).open_stream(timeout)
+
+    def _trusted(self, host: str) -> _ClientStream:
+        """A channel to `host` whose host is still trusted as it was at connect (`Unavailable` if none is)."""
         for _ in range(self._links):
+            stream = self._stream(host)
             try:
-                return self._stream(host).open_stream(timeout)
+                stream.check()
             except _NotTrustedNow:
-                continue  # as in `call`: nothing was sent, and a new link checks the host afresh
-        return self._stream(host).open_stream(timeout)
+                # That channel is closed, nothing sent on it. The host may have a new certificate (a revoked
+                # one replaced): a new channel checks what it presents at connect, and fails the call if that
+                # is no better.
+                continue
+            return stream
+        stream = self._stream(host)
+        stream.check()
+        return stream
 
     def _retire(self, host: str) -> None:
         for key, stream in list(self._streams.items()):

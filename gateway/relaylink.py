@@ -226,6 +226,11 @@ class LinkConnection(asyncio.Protocol):
         else:
             self.transport.write(frame_of(body))
 
+    async def send(self, batch: relay_pb2.MuxBatch) -> None:
+        """Write one batch as a frame, then wait while the send buffer is over its high-water mark."""
+        self.write(batch.SerializeToString())
+        await self.drain()
+
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark."""
         await self._writable.wait()
@@ -346,12 +351,11 @@ class TlsLink:
         assert self._connection is not None  # noqa: S101  # set before _opened
         return await self._connection.read()
 
-    async def write(self, batch: relay_pb2.MuxBatch | bytes) -> None:
-        """Send one batch (or its bytes) to the host."""
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        """Send one batch to the host."""
         await asyncio.shield(self._opened)
         assert self._connection is not None  # noqa: S101  # set before _opened
-        self._connection.write(batch if isinstance(batch, bytes) else batch.SerializeToString())
-        await self._connection.drain()
+        await self._connection.send(batch)
 
     def abort(self) -> None:
         """Close the connection now."""

@@ -328,8 +328,12 @@ class Gateway:
                 roots = self._trust.ca_certificate(f.name).public_bytes(_PEM)
                 context = self._link_context(f"client:{f.name}", roots)
                 targets[f.name] = LinkTarget(f.relay_address, f.gateway_server_name, context)
-        max_frame = self.config.limits.max_message_bytes + FRAME_OVERHEAD
-        mux.set_links(targets, check=self._check_link_host, max_frame=max_frame)
+        mux.set_links(targets, check=self._check_link_host, max_frame=self._max_link_frame)
+
+    @property
+    def _max_link_frame(self) -> int:
+        """The largest relay link frame this gateway takes: a message at its limit, with room for the rest."""
+        return self.config.limits.max_message_bytes + FRAME_OVERHEAD
 
     def _check_link_host(self, host: str, certificate: bytes) -> None:
         """The host gateway's TLS certificate on a relay link: trusted now, CRL included, and that gateway's."""
@@ -437,7 +441,7 @@ class Gateway:
                 context=self._relay_server_context,
                 handle=self.peer_link,
                 reuse_port=self.workers > 1,
-                max_frame=self.config.limits.max_message_bytes + FRAME_OVERHEAD,
+                max_frame=self._max_link_frame,
             )
             relay_port = await self._relay_listener.start()
         await local.start()
@@ -1036,10 +1040,6 @@ class Gateway:
     async def peer_link(self, certificate: bytes, connection: LinkConnection) -> None:
         """A relay link (`gateway.relaylink`) from another force's gateway: a relay channel over plain TLS."""
 
-        async def write(batch: relay_pb2.MuxBatch) -> None:
-            connection.write(batch.SerializeToString())
-            await connection.drain()
-
         async def end(opening: Call, exc: GatewayError) -> None:
             if isinstance(exc, Unavailable) and opening.peer is not None:
                 log.info("relay link from %s broke: %s", opening.peer.describe(), exc.reason)
@@ -1047,7 +1047,12 @@ class Gateway:
             await self._record_refusal(opening, exc)
 
         await self._serve_channel(
-            certificate or None, LINK_METHOD, read=connection.read, write=write, send_now=connection.send_now, end=end
+            certificate or None,
+            LINK_METHOD,
+            read=connection.read,
+            write=connection.send,
+            send_now=connection.send_now,
+            end=end,
         )
 
     async def _serve_channel(

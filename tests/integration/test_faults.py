@@ -334,8 +334,7 @@ def _lying_link_host(fnet: NetworkThread, current: dict[str, list[bytes]]) -> Re
                 else:
                     items = [relay_pb2.MuxStream(id=item.id, frame=f) for f in frames]
                     items.append(relay_pb2.MuxStream(id=item.id, end=True))
-                connection.write(relay_pb2.MuxBatch(streams=items).SerializeToString())
-                await connection.drain()
+                await connection.send(relay_pb2.MuxBatch(streams=items))
 
     listener = RelayLinkListener(
         f"127.0.0.1:{layout.ports[SURREY].relay}",
