@@ -541,10 +541,12 @@ class MuxHost:
         self._finishing = False
 
     async def serve(self) -> None:
-        """Serve the stream until the origin closes it (or the gateway drains); then let calls finish.
+        """Serve the channel until the origin closes it (or the gateway drains); then let calls and streams finish.
 
-        `InvalidArgument` if the origin sends a batch that does not parse (the stream ends; calls
-        already running still finish and are recorded, but their answers have nowhere to go).
+        `InvalidArgument` if the origin sends a batch that does not parse, too many items or a stream past
+        its window; a failed read raises what it raised. Either way the channel ends at once: calls and
+        streams still running are cancelled (each recorded as cancelled), since their answers would have
+        nowhere to go.
         """
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
