@@ -94,6 +94,12 @@ class _Inbox:
         #: bytes of frames received and not read yet
         self.buffered = 0
 
+    def put_frame(self, stream_id: int, frame: bytes) -> None:
+        """Queue a frame from the other side; `InvalidArgument` if it sent past its window (and slack)."""
+        if self.buffered + len(frame) > WINDOW + _SLACK:
+            raise InvalidArgument(f"relay stream {stream_id} was sent past its flow-control window")
+        self.put(frame)
+
     def put(self, item: _Item) -> None:
         if isinstance(item, bytes):
             self.buffered += len(item)
@@ -144,9 +150,7 @@ class HostStream:
         if self.ended:
             return
         if item.frame:
-            if self._inbox.buffered + len(item.frame) > WINDOW + _SLACK:
-                raise InvalidArgument(f"relay stream {self.id} sent past its flow-control window")
-            self._inbox.put(item.frame)
+            self._inbox.put_frame(self.id, item.frame)
         if item.end:
             self._inbox.put(_END)
 
@@ -232,9 +236,7 @@ class LinkStreamCall:
         if self._over:
             return
         if item.frame:
-            if self._inbox.buffered + len(item.frame) > WINDOW + _SLACK:
-                raise InvalidArgument(f"relay stream {self.id} was sent past its flow-control window")
-            self._inbox.put(item.frame)
+            self._inbox.put_frame(self.id, item.frame)
         if item.HasField("refusal"):
             code = _NAMES.get(item.refusal.code, grpc.StatusCode.UNKNOWN)
             self._inbox.put(_status(code, item.refusal.message))
