@@ -46,7 +46,7 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
-from gateway.forward import Metadata, Reply, reply_from_error
+from gateway.forward import Metadata, Reply
 from gateway.metadata import from_relay_entries, to_relay_entries
 from gateway.mux import MuxClient, MuxUnsupported
 from gateway.pipeline import Call
@@ -199,17 +199,8 @@ class RelayClient:
             breaker.release()
             raise
         if answer.HasField("refusal"):
-            # Judged like a status on `Relay/Unary` (`_judge`): a refusal is the host's answer, except
-            # that UNAVAILABLE and DEADLINE_EXCEEDED are failures of the relay, never passed on as they are.
             code = _STATUS_BY_VALUE.get(answer.refusal.code, grpc.StatusCode.UNKNOWN)
-            what = f"relay to {host}: {code.name}: {answer.refusal.message}"
-            if code is grpc.StatusCode.OK or code in _NOT_AN_ANSWER or code is grpc.StatusCode.UNAVAILABLE:
-                breaker.failure()
-                raise Unavailable(what)
-            breaker.success()
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(what)
-            return Reply(code=code, details=answer.refusal.message)
+            return _judge(breaker, code, answer.refusal.message, what=f"relay to {host}")
         breaker.success()
         if not answer.HasField("response"):
             raise _unverified(host, InvalidArgument("relay channel answer carries neither response nor refusal"))
@@ -227,7 +218,7 @@ class RelayClient:
         try:
             raw = await multi(request, timeout=call.remaining(self._clock.monotonic()))
         except grpc.aio.AioRpcError as exc:
-            return _judge(breaker, exc, what=f"relay to {host}")
+            return _judge(breaker, exc.code(), exc.details() or "", what=f"relay to {host}")
         except BaseException:
             breaker.release()
             raise
@@ -252,21 +243,23 @@ _NOT_AN_ANSWER = frozenset(
 )
 
 
-def _judge(breaker: Breaker, exc: grpc.aio.AioRpcError, *, what: str) -> Reply:
-    """A failed relay RPC: a refusal the host sent is a reply (the peer is there); ours counts against it."""
-    if exc.code() in _NOT_AN_ANSWER:
+def _judge(breaker: Breaker, code: grpc.StatusCode, details: str, *, what: str) -> Reply:
+    """A relay call that ended in a status instead of a sealed response, on either transport.
+
+    The host's gateway refused the call (PERMISSION_DENIED, INVALID_ARGUMENT, ...): that is its answer,
+    passed on to the caller, and the peer counts as up. UNAVAILABLE, OK without a response, and codes a
+    gateway never sends (INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS) are failures of the relay and count
+    against the host. DEADLINE_EXCEEDED ends the call and counts neither way: the peer may just be slow.
+    """
+    reason = f"{what}: {code.name}: {details}"
+    if code is grpc.StatusCode.OK or code is grpc.StatusCode.UNAVAILABLE or code in _NOT_AN_ANSWER:
         breaker.failure()
-        raise Unavailable(f"{what}: {exc.code().name}: {exc.details()}")
-    try:
-        reply = reply_from_error(exc, what=what)
-    except Unavailable:
-        breaker.failure()
-        raise
-    except GatewayError:
-        breaker.release()  # a deadline: the peer may just be slow
-        raise
+        raise Unavailable(reason)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        breaker.release()
+        raise DeadlineExceeded(reason)
     breaker.success()
-    return reply
+    return Reply(code=code, details=details)
 
 
 def _reply_from_seal(seal: ResponseSeal, message: bytes | None) -> Reply:
@@ -374,7 +367,7 @@ class RelayUpstream:
             try:
                 frame: Any = await self._rpc.read()
             except grpc.aio.AioRpcError as exc:
-                self._reply = _judge(self._breaker, exc, what=f"relay to {self._host}")
+                self._reply = _judge(self._breaker, exc.code(), exc.details() or "", what=f"relay to {self._host}")
                 return None
             if not self._reached:
                 self._reached = True
