@@ -22,6 +22,13 @@ a relay link (`gateway.relaylink.TlsLink`) to a force with a `relay_address`.
 On a link the channel also carries streaming calls (`MuxBatch.streams`, see
 `gateway.muxstream`), each run by the gateway's `Relay/Stream` handler.
 
+What each end takes: each states, in its first message (`MuxBatch.max_frame`),
+the largest message it takes, and the origin sends no call before it has the
+host's. Each end packs its batches under the other's figure; a request over it
+is refused at the origin (`ResourceExhausted`, never sent) and an answer over
+it is replaced by RESOURCE_EXHAUSTED, so one large message never ends a
+channel that other calls share.
+
 Origin side: `MuxClient`. Host side: `MuxHost`, which reads batches, starts a
 task per request or stream (the gateway's handlers), sends answers in batches
 and honours cancellations. Failures: a stream that breaks fails its calls in flight with
@@ -38,14 +45,14 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.clock import Clock
-from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, ResourceExhausted, Unavailable
 from gateway.muxstream import HostStream, LinkStreamCall, StreamAborted
 from gateway.relaylink import LinkTarget, TlsLink
 from gateway.tls import ChannelPool
@@ -60,6 +67,16 @@ MUX_METHOD = "/psn.gateway.v1.Relay/Mux"
 #: Requests or answers packed into one message at most, and their bytes (under any peer's message limit).
 _MAX_BATCH_ITEMS = 128
 _MAX_BATCH_BYTES = 1 << 20
+
+#: Bytes a message spends on each item and each cancelled id beyond the item itself (tags, lengths).
+_ITEM_BYTES = 16
+_CANCEL_BYTES = 11
+
+#: The slot of the link that carries a host's large unary requests (the others are numbered from 0).
+_BULK = -1
+
+#: The smallest message limit a channel's other side may state (a gateway's own is far above it).
+_MIN_FRAME = 1024
 
 #: Ended stream ids a host remembers per channel, to drop the frames that were already on their way.
 _ENDED_REMEMBERED = 4096
@@ -150,10 +167,13 @@ class GrpcPipe:
 class _ClientStream:
     """One open relay channel to one host, and the calls waiting on it."""
 
-    def __init__(self, pipe: MuxPipe, host: str, on_closed: Callable[[_ClientStream], None]) -> None:
+    def __init__(self, pipe: MuxPipe, host: str, on_closed: Callable[[_ClientStream], None], *, max_frame: int) -> None:
         self.host = host
         self._on_closed = on_closed
         self.pipe = pipe
+        self._max_frame = max_frame
+        #: the largest message the host takes on this channel (its first message says); no call goes before it
+        self.peer_max: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[relay_pb2.MuxResponse]] = {}
         self._outbox: list[relay_pb2.MuxRequest] = []
@@ -187,12 +207,14 @@ class _ClientStream:
         if self.closed is not None:
             raise _as_unavailable(self.closed, self.host)
         call_id = next(self._ids)
+        item = relay_pb2.MuxRequest(id=call_id, request=request)
+        if self.peer_max is not None:
+            _check_fits(item, self.peer_max, f"the gateway of {self.host}")
         future: asyncio.Future[relay_pb2.MuxResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        item = relay_pb2.MuxRequest(id=call_id, request=request)
         # Straight out when nothing waits before it and the pipe can take it now (a relay link whose
         # buffer has room): one loop turn less for the call (about 0.1 ms unloaded); else by the writer.
-        if self._outbox or not self.pipe.send_now(relay_pb2.MuxBatch(requests=[item])):
+        if self._outbox or self.peer_max is None or not self.pipe.send_now(relay_pb2.MuxBatch(requests=[item])):
             self._outbox.append(item)
             self._wake.set()
         try:
@@ -246,23 +268,30 @@ class _ClientStream:
 
     async def _write_loop(self) -> None:
         try:
+            await self.pipe.write(relay_pb2.MuxBatch(max_frame=self._max_frame))
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self.peer_max is None:
+                    continue  # calls wait for the host's first message
+                budget = min(self.peer_max, _MAX_BATCH_BYTES)
                 while self._outbox or self._cancels or self._stream_out:
                     batch = relay_pb2.MuxBatch(cancels=self._cancels[:_MAX_BATCH_ITEMS])
                     del self._cancels[:_MAX_BATCH_ITEMS]
-                    size = _take_stream_items(self._stream_out, batch)
-                    take = 0
-                    for request in self._outbox[:_MAX_BATCH_ITEMS]:
-                        size += len(request.request.message) + len(request.request.envelope.body) + 1024
-                        if take and size > _MAX_BATCH_BYTES:
-                            break
-                        take += 1
-                    batch.requests.extend(self._outbox[:take])
-                    del self._outbox[:take]
-                    # While this write waits for flow control, new calls queue up for the next batch.
-                    await self.pipe.write(batch)
+                    size = _take_stream_items(self._stream_out, batch, budget) + _CANCEL_BYTES * len(batch.cancels)
+                    alone = not batch.streams and not batch.cancels
+                    for request in _take_items(self._outbox, budget - size, alone=alone):
+                        try:
+                            _check_fits(request, self.peer_max, f"the gateway of {self.host}")
+                        except ResourceExhausted as exc:  # queued before the host said its limit
+                            future = self._pending.pop(request.id, None)
+                            if future is not None and not future.done():
+                                future.set_exception(exc)
+                            continue
+                        batch.requests.append(request)
+                    if batch.ByteSize():
+                        # While this write waits for flow control, new calls queue up for the next batch.
+                        await self.pipe.write(batch)
         except asyncio.CancelledError:
             self._cancelled()
             raise
@@ -281,6 +310,12 @@ class _ClientStream:
                 except DecodeError as exc:
                     self._close(Unavailable(f"relay channel to {self.host} sent a batch that does not parse: {exc}"))
                     return
+                if batch.max_frame:
+                    if batch.max_frame < _MIN_FRAME:
+                        self._close(Unavailable(f"relay channel to {self.host}: it takes {batch.max_frame} bytes"))
+                        return
+                    self.peer_max = batch.max_frame
+                    self._wake.set()
                 for answer in batch.responses:
                     future = self._pending.pop(answer.id, None)
                     if future is not None and not future.done():
@@ -395,13 +430,13 @@ class MuxClient:
             return True
         return False
 
-    def _stream(self, host: str) -> _ClientStream:
+    def _stream(self, host: str, *, bulk: bool = False) -> _ClientStream:
         target = self._targets.get(host)
         if target is not None:
             turn = self._turn.get(host)
             if turn is None:
                 turn = self._turn[host] = itertools.cycle(range(self._links))
-            key = (host, next(turn))
+            key = (host, _BULK if bulk else next(turn))
         else:
             channel = self._peers.channel(host)
             key = (host, id(channel))
@@ -410,20 +445,24 @@ class MuxClient:
             pipe: MuxPipe
             if target is not None:
                 pipe = TlsLink(host, target, check=partial(self._check, host), max_frame=self._max_frame)
+                limit = self._max_frame
             else:
                 pipe = GrpcPipe(channel)
-            stream = self._streams[key] = _ClientStream(pipe, host, self._forget)
+                limit = self._peers.max_message_bytes
+            stream = self._streams[key] = _ClientStream(pipe, host, self._forget, max_frame=limit)
         return stream
 
     async def call(
-        self, host: str, request: relay_pb2.UnaryRelayRequest, *, timeout: float | None
+        self, host: str, request: relay_pb2.UnaryRelayRequest, *, timeout: float | None, bulk: bool = False
     ) -> relay_pb2.MuxResponse:
         """Relay one unary request to `host`; the host's answer (sealed response or refusal).
 
-        Raises `MuxUnsupported` (nothing was delivered), `Unavailable` or `DeadlineExceeded`.
+        A `bulk` request (a large one, to a host with relay links) goes on a link of its own, so that
+        sending it holds up no small call. Raises `MuxUnsupported` (nothing was delivered), `Unavailable`,
+        `DeadlineExceeded`, or `ResourceExhausted` (nothing sent: over what the host takes in one message).
         """
         try:
-            return await self._trusted(host).call(request, timeout)
+            return await self._trusted(host, bulk=bulk and host in self._targets).call(request, timeout)
         except MuxUnsupported:
             self._unsupported[host] = self._clock.monotonic() + self._fallback
             log.warning("the gateway of %s does not serve Relay/Mux: relaying by Relay/Unary", host)
@@ -433,10 +472,10 @@ class MuxClient:
         """Start a streaming call to `host` over a relay link (`Unavailable` if none can carry it now)."""
         return self._trusted(host).open_stream(timeout)
 
-    def _trusted(self, host: str) -> _ClientStream:
+    def _trusted(self, host: str, *, bulk: bool = False) -> _ClientStream:
         """A channel to `host` whose host is still trusted as it was at connect (`Unavailable` if none is)."""
-        for _ in range(self._links):
-            stream = self._stream(host)
+        for _ in range(1 if bulk else self._links):
+            stream = self._stream(host, bulk=bulk)
             try:
                 stream.check()
             except _NotTrustedNow:
@@ -445,7 +484,7 @@ class MuxClient:
                 # is no better.
                 continue
             return stream
-        stream = self._stream(host)
+        stream = self._stream(host, bulk=bulk)
         stream.check()
         return stream
 
@@ -483,18 +522,45 @@ MuxHandler = Callable[[relay_pb2.MuxRequest], Awaitable[relay_pb2.MuxResponse]]
 StreamHandler = Callable[[HostStream, GatewayError | None], Awaitable[None]]
 
 
-def _take_stream_items(items: list[relay_pb2.MuxStream], batch: relay_pb2.MuxBatch) -> int:
-    """Move stream items, in order, from `items` into `batch` (within the batch limits); their bytes."""
+def _take_stream_items(items: list[relay_pb2.MuxStream], batch: relay_pb2.MuxBatch, budget: int) -> int:
+    """Move stream items, in order, from `items` into `batch` (at least one, else within `budget`); their bytes."""
     take, size = 0, 0
     for item in items[:_MAX_BATCH_ITEMS]:
         size += len(item.frame) + 32
-        if take and size > _MAX_BATCH_BYTES:
+        if take and size > budget:
             size -= len(item.frame) + 32
             break
         take += 1
     batch.streams.extend(items[:take])
     del items[:take]
     return size
+
+
+_Item = TypeVar("_Item", relay_pb2.MuxRequest, relay_pb2.MuxResponse)
+
+
+def _take_items(items: list[_Item], room: int, *, alone: bool) -> list[_Item]:
+    """The first of `items` while they fit in `room` bytes, taken out; at least one when `alone` (nothing else to send).
+
+    The sender checks each taken item against the other side's limit (`_check_fits`): one that is
+    over it alone is refused, never sent.
+    """
+    take, size = 0, 0
+    for item in items[:_MAX_BATCH_ITEMS]:
+        size += item.ByteSize() + _ITEM_BYTES
+        if size > room and (take or not alone):
+            break
+        take += 1
+    taken = items[:take]
+    del items[:take]
+    return taken
+
+
+def _check_fits(item: relay_pb2.MuxRequest | relay_pb2.MuxResponse, limit: int, peer: str) -> None:
+    """`ResourceExhausted` if `item` alone makes a message over `limit` bytes (what the other side takes)."""
+    size = item.ByteSize() + _ITEM_BYTES
+    if size > limit:
+        raise ResourceExhausted(f"relay message of {size} bytes is over the {limit} bytes {peer} takes in one message")
 
 
 class MuxHost:
@@ -518,6 +584,7 @@ class MuxHost:
         handle_stream: StreamHandler | None = None,
         certificate: bytes | None = None,
         max_in_flight: int,
+        max_frame: int,
         draining: asyncio.Event,
     ) -> None:
         self._read = read
@@ -539,6 +606,10 @@ class MuxHost:
         self._answers: list[relay_pb2.MuxResponse] = []
         self._wake = asyncio.Event()
         self._finishing = False
+        self._max_frame = max_frame
+        #: the largest message the origin takes (its first message says; until then, what this side takes)
+        self.peer_max = max_frame
+        self._greeted = False
 
     async def serve(self) -> None:
         """Serve the channel until the origin closes it (or the gateway drains); then let calls and streams finish.
@@ -609,6 +680,10 @@ class MuxHost:
                 raise InvalidArgument(f"relay channel batch does not parse: {exc}") from exc
             if max(len(batch.requests), len(batch.cancels), len(batch.streams)) > _MAX_BATCH_ITEMS:
                 raise InvalidArgument(f"relay channel batch of more than {_MAX_BATCH_ITEMS} items")
+            if batch.max_frame:
+                if batch.max_frame < _MIN_FRAME:
+                    raise InvalidArgument(f"relay channel origin takes {batch.max_frame} bytes a message")
+                self.peer_max = batch.max_frame
             for item in batch.streams:
                 self._stream_item(item)
             for call_id in batch.cancels:
@@ -695,17 +770,31 @@ class MuxHost:
         self._stream_out.append(item)
         self._wake.set()
 
+    def _fitting(self, answer: relay_pb2.MuxResponse) -> relay_pb2.MuxResponse:
+        """`answer`, or RESOURCE_EXHAUSTED in its place if it is over what the origin takes in one message."""
+        try:
+            _check_fits(answer, self.peer_max, "the origin gateway")
+        except ResourceExhausted as exc:
+            # Its record is already durable (as for any answer, before it leaves); it never leaves.
+            log.error("relay channel answer %d not sent: %s", answer.id, exc.reason)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            refusal = relay_pb2.MuxRefusal(code=code, message="response too large for the origin gateway")
+            return relay_pb2.MuxResponse(id=answer.id, refusal=refusal)
+        return answer
+
     async def _answer(self, answer: Awaitable[relay_pb2.MuxResponse]) -> None:
-        ready = await answer
+        ready = self._fitting(await answer)
         # Alone on the channel: straight out (a loop turn less). With company: by the writer, which packs
         # the answers a group commit settles together into one message.
-        send_now = self._send_now if len(self._running) <= 1 and not self._answers else None
+        send_now = self._send_now if len(self._running) <= 1 and not self._answers and self._greeted else None
         if send_now is None or not send_now(relay_pb2.MuxBatch(responses=[ready])):
             self._answers.append(ready)
             self._wake.set()
 
     async def _write_loop(self) -> None:
         try:
+            await self._write(relay_pb2.MuxBatch(max_frame=self._max_frame))
+            self._greeted = True
             while True:
                 await self._wake.wait()
                 # One turn of the loop first: answers becoming ready together (a group commit settles many
@@ -714,17 +803,11 @@ class MuxHost:
                 self._wake.clear()
                 if self._finishing and not self._answers and not self._stream_out:
                     return
+                budget = min(self.peer_max, _MAX_BATCH_BYTES)
                 while self._answers or self._stream_out:
                     batch = relay_pb2.MuxBatch()
-                    size = _take_stream_items(self._stream_out, batch)
-                    take = 0
-                    for answer in self._answers[:_MAX_BATCH_ITEMS]:
-                        size += answer.ByteSize()
-                        if take and size > _MAX_BATCH_BYTES:
-                            break
-                        take += 1
-                    batch.responses.extend(self._answers[:take])
-                    del self._answers[:take]
+                    size = _take_stream_items(self._stream_out, batch, budget)
+                    batch.responses.extend(_take_items(self._answers, budget - size, alone=not batch.streams))
                     await self._write(batch)
                 if self._finishing:
                     return

@@ -64,7 +64,8 @@ __all__ = [
 log = logging.getLogger("psngw.relay")
 
 _UNARY = "/psn.gateway.v1.Relay/Unary"
-#: Larger unary requests go as their own `Relay/Unary` RPC, not packed into a relay channel batch.
+#: Larger unary requests go on a relay link of their own to a host with links (`MuxClient.call`'s
+#: `bulk`); to any other host, as their own `Relay/Unary` RPC, not packed into a `Relay/Mux` batch.
 _MUX_MAX_MESSAGE = 256 * 1024
 _STREAM = "/psn.gateway.v1.Relay/Stream"
 
@@ -154,8 +155,9 @@ class RelayClient:
         breaker = self.breaker(host)
         breaker.allow()
         answer: relay_pb2.UnaryRelayResponse | Reply | None = None
-        if self.mux is not None and len(request) <= _MUX_MAX_MESSAGE and self.mux.supports(host):
-            answer = await self._over_mux(breaker, host, call, request_pb)
+        large = len(request) > _MUX_MAX_MESSAGE
+        if self.mux is not None and self.mux.supports(host) and (not large or self.mux.transport(host) == "link"):
+            answer = await self._over_mux(breaker, host, call, request_pb, bulk=large)
             if answer is None:  # the host has no relay channels: this call was not delivered
                 breaker.allow()
         if answer is None:
@@ -183,12 +185,12 @@ class RelayClient:
         return _reply_from_seal(seal.value, message)
 
     async def _over_mux(
-        self, breaker: Breaker, host: str, call: Call, request: relay_pb2.UnaryRelayRequest
+        self, breaker: Breaker, host: str, call: Call, request: relay_pb2.UnaryRelayRequest, *, bulk: bool
     ) -> relay_pb2.UnaryRelayResponse | Reply | None:
         """Send over a relay channel: the host's response, a refusal it sent (a Reply), None if unsupported."""
         assert self.mux is not None  # noqa: S101  # the caller checked
         try:
-            answer = await self.mux.call(host, request, timeout=call.remaining(self._clock.monotonic()))
+            answer = await self.mux.call(host, request, timeout=call.remaining(self._clock.monotonic()), bulk=bulk)
         except MuxUnsupported:
             breaker.release()
             return None

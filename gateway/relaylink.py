@@ -29,7 +29,8 @@ Streaming calls travel on the same links (`gateway.muxstream`: the frames of
 `Relay/Stream`, with flow control per stream). A force without a
 `relay_address` is reached by `Relay/Mux` and `Relay/Stream` (and a host
 without `Relay/Mux`, by `Relay/Unary`), so forces can move to links one at a
-time. Unary requests over 256 KiB still go as one `Relay/Unary` RPC each.
+time. Unary requests over 256 KiB go on a link of their own (`MuxClient.call`'s
+`bulk`), so that a large message holds up no small call.
 """
 
 from __future__ import annotations

@@ -1109,6 +1109,7 @@ class Gateway:
             handle_stream=handle_stream,
             certificate=certificate,
             max_in_flight=self.config.limits.max_concurrent_calls,
+            max_frame=self._max_link_frame if method == LINK_METHOD else self.config.limits.max_message_bytes,
             draining=self._draining,
         )
         try:

@@ -166,6 +166,11 @@ class ChannelPool:
         self._turn: dict[str, itertools.cycle[int]] = {}
         self._retired: set[asyncio.Task[None]] = set()
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message the pool's channels send or take."""
+        return self._max
+
     def set_targets(self, targets: Mapping[str, tuple[str, str, bytes]]) -> None:
         """Set (address, server name, CA roots PEM) per target name; changed targets get new channels."""
         wanted = {name: _Target(*t) for name, t in targets.items()}

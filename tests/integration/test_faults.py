@@ -320,6 +320,7 @@ def _lying_link_host(fnet: NetworkThread, current: dict[str, list[bytes]]) -> Re
     context = server_context(KeyPair.load(tls.cert_path, tls.key_path), roots)
 
     async def serve(_certificate: bytes, connection: LinkConnection) -> None:
+        await connection.send(relay_pb2.MuxBatch(max_frame=8 << 20))  # what it takes: a relay link's first message
         seen: set[int] = set()
         while (raw := await connection.read()) is not None:
             for item in relay_pb2.MuxBatch.FromString(raw).streams:

@@ -151,6 +151,46 @@ def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_bot
     assert {r.seal_signature for r in host} == {r.seal_signature for r in origin}
 
 
+def _padded_custody_request(extra: int) -> bytes:
+    """GetRecord for a record that exists, made `extra` bytes larger by an unknown field the backend skips."""
+    request = custody_pb2.GetRecordRequest(custody_number="HC/00001/26").SerializeToString()
+    length, size = bytearray(), extra
+    while True:  # the length as a protobuf varint
+        length.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            break
+    return request + b"\xfa\x06" + bytes(length) + b"p" * extra  # field 111, length-delimited
+
+
+def test_a_unary_request_over_256_kib_travels_on_a_link_of_its_own_and_is_recorded_at_both_ends(
+    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relay/Unary and Relay/Mux switched off everywhere, as above: only a link can carry the large request.
+    monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
+    monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
+    officer = fresh_officer()
+    since = time.time()
+    large = _padded_custody_request(300 * 1024)
+    with lnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(8) as pool:
+        get = channel.unary_unary("/psn.demo.custody.v1.CustodyRecords/GetRecord")
+        calls = [pool.submit(get, large, timeout=10)] + [pool.submit(search, channel) for _ in range(6)]
+        reply = custody_pb2.CustodyRecord.FromString(calls[0].result())
+        assert reply.custody_number == "HC/00001/26"
+        assert all(c.result() == (grpc.StatusCode.OK, "") for c in calls[1:])
+    mux = _gateway(lnet, SURREY).relay.mux
+    assert mux is not None
+    # The large request had a link to itself (the bulk slot); the searches went on the others.
+    bulk = mux._streams.get((HANTS, -1))
+    assert bulk is not None and isinstance(bulk.pipe, TlsLink) and bulk.closed is None
+    origin = [r for r in records_since(lnet, SURREY, since) if r.officer_id == officer and r.host_force == HANTS]
+    host = [r for r in records_since(lnet, HANTS, since) if r.officer_id == officer]
+    assert [(r.status, r.request_id, r.request_digest) for r in origin] == [
+        (r.status, r.request_id, r.request_digest) for r in host
+    ]
+    assert [r.status for r in host] == ["OK"]
+
+
 # -- who may open a link --------------------------------------------------------------------------
 
 

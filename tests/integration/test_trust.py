@@ -364,9 +364,15 @@ def test_relays_to_a_force_whose_gateway_tls_certificate_is_revoked_are_refused(
         since = time.time()
         with tnet.officer_channel("thames-valley", officer="DC-REVOKED-HOST") as ch:
             assert custody(ch) == (UNAVAILABLE, "unavailable")
-        [refused] = records_since(tnet, "thames-valley", since, officer="DC-REVOKED-HOST")
-        assert refused.status == "UNAVAILABLE" and "certificate is revoked" in refused.refusal_reason
-        assert "TLS certificate is refused" in refused.refusal_reason
+            # A request over 256 KiB goes on a link of its own, checked the same way.
+            with pytest.raises(grpc.RpcError) as large:
+                ch.unary_unary("/psn.demo.custody.v1.CustodyRecords/GetRecord")(b"\n\x01x" * 100_000, timeout=10)
+            assert large.value.code() is UNAVAILABLE
+        refusals = records_since(tnet, "thames-valley", since, officer="DC-REVOKED-HOST")
+        assert len(refusals) == 2
+        for refused in refusals:
+            assert refused.status == "UNAVAILABLE" and "certificate is revoked" in refused.refusal_reason
+            assert "TLS certificate is refused" in refused.refusal_reason
         assert not records_since(tnet, host, since, officer="DC-REVOKED-HOST")  # nothing reached the host
     finally:
         fresh = reissue(material, pki.CertKind.GATEWAY_TLS)

@@ -60,6 +60,7 @@ def _host(
         handle=handle,
         refuse=_refuse,
         max_in_flight=max_in_flight,
+        max_frame=8 << 20,
         draining=draining or asyncio.Event(),
     )
 
@@ -102,6 +103,7 @@ def test_a_lone_call_is_answered_straight_out_and_calls_in_company_go_packed_by_
             handle=handle,
             refuse=_refuse,
             max_in_flight=100,
+            max_frame=8 << 20,
             draining=asyncio.Event(),
         )
         serving = asyncio.ensure_future(host.serve())
@@ -244,6 +246,7 @@ def test_a_refusal_still_being_recorded_when_the_origin_closes_is_answered_befor
             handle=handle,
             refuse=slow_refuse,
             max_in_flight=10,
+            max_frame=8 << 20,
             draining=asyncio.Event(),
         )
         await host.serve()

@@ -149,6 +149,7 @@ def _host(
         handle_stream=handle_stream,
         certificate=b"DER",
         max_in_flight=max_in_flight,
+        max_frame=8 << 20,
         draining=draining or asyncio.Event(),
     )
 
@@ -808,10 +809,11 @@ def test_a_stream_of_many_windows_each_way_between_origin_and_host_arrives_whole
             refuse=_refuse,
             handle_stream=handler,
             max_in_flight=10,
+            max_frame=8 << 20,
             draining=draining,
         )
         serving = asyncio.ensure_future(host.serve())
-        client = _ClientStream(pipe, "thames-valley", lambda _s: None)  # type: ignore[arg-type]
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=8 << 20)  # type: ignore[arg-type]
         call = client.open_stream(timeout=30)
 
         async def writer() -> None:
@@ -853,10 +855,11 @@ def test_streams_whose_first_frames_go_out_in_another_order_than_they_were_opene
             refuse=_refuse,
             handle_stream=handler,
             max_in_flight=10,
+            max_frame=8 << 20,
             draining=asyncio.Event(),
         )
         serving = asyncio.ensure_future(host.serve())
-        client = _ClientStream(pipe, "thames-valley", lambda _s: None)  # type: ignore[arg-type]
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=8 << 20)  # type: ignore[arg-type]
         server_stream = client.open_stream(timeout=2)
         bidi = client.open_stream(timeout=2)
         assert server_stream.id < bidi.id

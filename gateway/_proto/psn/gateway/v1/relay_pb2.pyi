@@ -654,6 +654,16 @@ class MuxBatch(_message.Message):
     RESPONSES_FIELD_NUMBER: _builtins.int
     CANCELS_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
+    MAX_FRAME_FIELD_NUMBER: _builtins.int
+    max_frame: _builtins.int
+    """The largest message (serialized MuxBatch, in bytes) the sender takes on
+    this channel. Each side sends it, alone, as its first message; the origin
+    sends no call before it has the host's. A sender packs its batches under
+    the other side's figure, and does not send one item that is over it (the
+    origin refuses that request with RESOURCE_EXHAUSTED; the host answers that
+    call with RESOURCE_EXHAUSTED instead), so that one large message never
+    ends a channel that other calls share.
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxRequest]: ...
     @_builtins.property
@@ -673,10 +683,11 @@ class MuxBatch(_message.Message):
         responses: _abc.Iterable[Global___MuxResponse] | None = ...,
         cancels: _abc.Iterable[_builtins.int] | None = ...,
         streams: _abc.Iterable[Global___MuxStream] | None = ...,
+        max_frame: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "requests", b"requests", "responses", b"responses", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "max_frame", b"max_frame", "requests", b"requests", "responses", b"responses", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,148 @@
+"""What each end of a relay channel takes in one message (gateway.mux: `MuxBatch.max_frame`), without a network.
+
+Each end states, in its first message, the largest message it takes; the origin sends no call before it
+has the host's. What must hold: a request over the host's figure is refused at the origin with
+RESOURCE_EXHAUSTED and never sent (also one queued before the host spoke); requests are packed into
+messages under the host's figure; an answer over the origin's figure is replaced by RESOURCE_EXHAUSTED
+for that call alone; and the channel serves on after each, so one large message never ends a channel
+that other calls share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.errors import GatewayError, ResourceExhausted
+from gateway.mux import MuxHost, _ClientStream
+from tests.unit.test_muxstream import Pipe
+
+KIB = 1024
+SMALL = 64 * KIB  # what the small side takes in one message
+LARGE = 8 << 20
+
+
+class CountingPipe(Pipe):
+    """A `Pipe` that keeps the size of every message each end sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.host_sizes: list[int] = []
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        self.sizes.append(batch.ByteSize())
+        await super().write(batch)
+
+    async def host_write(self, batch: relay_pb2.MuxBatch) -> None:
+        self.host_sizes.append(batch.ByteSize())
+        await super().host_write(batch)
+
+
+def _request(size: int) -> relay_pb2.UnaryRelayRequest:
+    return relay_pb2.UnaryRelayRequest(message=b"r" * size)
+
+
+async def _refuse(request: relay_pb2.MuxRequest, exc: GatewayError) -> relay_pb2.MuxResponse:
+    refusal = relay_pb2.MuxRefusal(code=grpc.StatusCode.UNAVAILABLE.value[0], message=exc.reason)
+    return relay_pb2.MuxResponse(id=request.id, refusal=refusal)
+
+
+def _host(pipe: Pipe, *, max_frame: int, seen: list[int], answer_bytes: int = 2) -> MuxHost:
+    async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+        seen.append(len(request.request.message))
+        size = len(request.request.message) if answer_bytes < 0 else answer_bytes
+        return relay_pb2.MuxResponse(id=request.id, response=relay_pb2.UnaryRelayResponse(message=b"a" * size))
+
+    return MuxHost(
+        pipe.host_read,
+        pipe.host_write,
+        handle=handle,
+        refuse=_refuse,
+        max_in_flight=100,
+        max_frame=max_frame,
+        draining=asyncio.Event(),
+    )
+
+
+async def _outcome(call: Any) -> Any:
+    try:
+        return await call
+    except GatewayError as exc:
+        return exc
+
+
+def test_a_request_over_what_the_host_takes_is_refused_at_the_origin_and_the_channel_serves_on() -> None:
+    async def run() -> tuple[Any, Any, list[int]]:
+        pipe = Pipe()
+        seen: list[int] = []
+        serving = asyncio.ensure_future(_host(pipe, max_frame=SMALL, seen=seen).serve())
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE)  # type: ignore[arg-type]
+        first = await client.call(_request(10), timeout=5)  # the host has spoken once this is answered
+        assert client.peer_max == SMALL
+        big = await _outcome(client.call(_request(SMALL), timeout=5))
+        after = await client.call(_request(SMALL - 100), timeout=5)
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return first, (big, after), seen
+
+    first, (big, after), seen = asyncio.run(run())
+    assert first.HasField("response")
+    assert isinstance(big, ResourceExhausted), big
+    assert f"over the {SMALL} bytes the gateway of thames-valley takes" in big.reason
+    assert after.HasField("response")  # the channel still serves
+    assert seen == [10, SMALL - 100]  # the large request never reached the host
+
+
+def test_requests_queued_before_the_host_speaks_are_packed_under_its_limit_and_an_oversize_one_is_refused() -> None:
+    async def run() -> tuple[list[Any], CountingPipe, list[int]]:
+        pipe = CountingPipe()
+        seen: list[int] = []
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE)  # type: ignore[arg-type]
+        sizes = [20 * KIB] * 12 + [SMALL + 1] + [20 * KIB] * 3
+        calls = [asyncio.ensure_future(_outcome(client.call(_request(n), timeout=5))) for n in sizes]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert pipe.sizes and all(n < 100 for n in pipe.sizes), pipe.sizes  # only the origin's own limit so far
+        serving = asyncio.ensure_future(_host(pipe, max_frame=SMALL, seen=seen).serve())
+        outcomes = await asyncio.gather(*calls)
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return outcomes, pipe, seen
+
+    outcomes, pipe, seen = asyncio.run(run())
+    assert [type(o) for o in outcomes].count(ResourceExhausted) == 1
+    assert isinstance(outcomes[12], ResourceExhausted)
+    assert all(o.HasField("response") for i, o in enumerate(outcomes) if i != 12)
+    assert sorted(seen) == [20 * KIB] * 15
+    assert max(pipe.sizes) <= SMALL, pipe.sizes
+    assert sum(1 for n in pipe.sizes if n > 40 * KIB) >= 3  # packed, not one request a message
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_an_answer_over_what_the_origin_takes_is_refused_in_its_place_and_the_others_arrive(alone: bool) -> None:
+    async def run() -> tuple[list[Any], list[int], list[int]]:
+        pipe = CountingPipe()
+        seen: list[int] = []
+        serving = asyncio.ensure_future(_host(pipe, max_frame=LARGE, seen=seen, answer_bytes=-1).serve())
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=SMALL)  # type: ignore[arg-type]
+        sizes = [SMALL] if alone else [10 * KIB] * 4 + [SMALL] + [10 * KIB] * 4
+        outcomes = await asyncio.gather(*(_outcome(client.call(_request(n), timeout=5)) for n in sizes))
+        outcomes.append(await client.call(_request(10), timeout=5))  # and the channel serves on
+        got = [len(a.response.message) if a.HasField("response") else a.refusal.code for a in outcomes]
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return got, seen, pipe.host_sizes
+
+    got, seen, host_sizes = asyncio.run(run())
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    if alone:
+        assert got == [exhausted, 10]
+    else:
+        assert got == [10 * KIB] * 4 + [exhausted] + [10 * KIB] * 4 + [10]
+    assert SMALL in seen  # the host ran the call (and recorded it); only its answer was too large to send
+    assert max(host_sizes) <= SMALL, host_sizes  # answers packed under what the origin takes
