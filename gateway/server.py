@@ -104,8 +104,11 @@ calls_log = logging.getLogger("psngw.calls")
 class Recorder(Protocol):
     """Where the record of each call goes; `record` returns once it is durable."""
 
-    async def record(self, call: Call, event: str) -> None:
-        """Record `call` (event: call, stream-open, stream-close); raise AuditUnavailable if it cannot."""
+    async def record(self, call: Call, event: str, *, alone: bool = False) -> None:
+        """Record `call` (event: call, stream-open, stream-close); raise AuditUnavailable if it cannot.
+
+        `alone`: no other call is in flight in this process (the record may be committed at once).
+        """
         ...
 
 
@@ -157,6 +160,9 @@ class ContextDownstream:
 
 class Gateway:
     """One force's gateway: start it, serve, stop it."""
+
+    #: calls in flight in this process, every listener
+    _calls_now = 0
 
     def __init__(
         self,
@@ -769,8 +775,10 @@ class Gateway:
     async def record(self, call: Call, event: str) -> None:
         """Record the call durably (the audit stage), then count it; `AuditUnavailable` if it cannot be."""
         started = self.clock.monotonic()
+        # Alone in this process (one worker, one call): its record is committed here, not by the writer.
+        alone = self.workers == 1 and self._calls_now <= 1
         try:
-            await self.recorder.record(call, event)
+            await self.recorder.record(call, event, alone=alone)
         finally:
             self._observe_stage("audit", self.clock.monotonic() - started)
         if event != "stream-open":
@@ -884,9 +892,11 @@ class Gateway:
     def _in_flight(self, listener: Listener) -> Iterator[None]:
         series = self._flight_series[listener]
         series.inc()
+        self._calls_now += 1
         try:
             yield
         finally:
+            self._calls_now -= 1
             series.dec()
 
     # -- forwarding ---------------------------------------------------------------------

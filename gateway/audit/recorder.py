@@ -89,8 +89,11 @@ class AuditRecorder:
         self._force = force
         self._clock = clock
 
-    async def record(self, call: Call, event: str) -> None:
-        """Append the call's record; return once it is on disk (else `AuditUnavailable`)."""
+    async def record(self, call: Call, event: str, *, alone: bool = False) -> None:
+        """Append the call's record; return once it is on disk (else `AuditUnavailable`).
+
+        `alone`: no other call is in flight in this process (`AuditLog.append`).
+        """
         record = record_for(
             call,
             event,
@@ -99,7 +102,7 @@ class AuditRecorder:
             now=self._clock.now(),
             now_mono=self._clock.monotonic(),
         )
-        result = await self.log.append(record)
+        result = await self.log.append(record, alone=alone)
         calls_log.info(
             "%s %s %s",
             event,

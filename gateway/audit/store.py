@@ -6,7 +6,10 @@ Durable before disclosure
     survives a crash or power loss. One writer thread per process takes everything queued (up to
     ``max_batch`` records) and commits it in one transaction, so concurrent calls share one fsync
     (group commit). Callers await asyncio futures, settled from the writer with one
-    ``call_soon_threadsafe`` per batch. The queue is bounded: when it is full, or while the log
+    ``call_soon_threadsafe`` per batch. A caller whose call is the only one in flight in its
+    process (``append(alone=True)``) finds nobody to share a commit with: if the writer is idle,
+    it runs the same commit on its own thread, holding the connection lock the writer takes for
+    each turn, and saves the two thread hand-offs. The queue is bounded: when it is full, or while the log
     cannot be written, `append` fails at once with `AuditUnavailable`; a record is never dropped
     silently and never acknowledged before it is on disk.
 
@@ -609,6 +612,8 @@ class AuditLog:
         self._clock = clock
         self._checkpointer = checkpointer
         self._cond = threading.Condition()
+        #: held by whoever uses the connection: the writer thread, or a lone caller committing its own record
+        self._conn_lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
         self._jobs: deque[_Job] = deque()
         self._inflight: list[_Pending] = []
@@ -918,8 +923,19 @@ class AuditLog:
 
     # -- appending -------------------------------------------------------------------------------
 
-    async def append(self, record: AuditRecord) -> AppendResult:
-        """Append a record; resolves once it is committed to disk. `AuditUnavailable` if it cannot be."""
+    async def append(self, record: AuditRecord, *, alone: bool = False) -> AppendResult:
+        """Append a record; resolves once it is committed to disk. `AuditUnavailable` if it cannot be.
+
+        `alone`: the caller's call is the only one in flight in this process, so nothing else would
+        share this record's commit. If the writer is idle too, the record is committed right here, on
+        the caller's thread, in the same transaction code, which saves the two thread hand-offs
+        (about 0.1 ms when the gateway is quiet); the loop waits for that one fsync, as the caller
+        would. Otherwise it is queued for the writer's next group commit.
+        """
+        if alone:
+            done = self._append_here(record)
+            if done is not None:
+                return done.result()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AppendResult] = loop.create_future()
         self._enqueue(_Pending(record, loop, future))
@@ -931,11 +947,28 @@ class AuditLog:
         self._enqueue(_Pending(record, None, future))
         return future.result()
 
+    def _append_here(self, record: AuditRecord) -> concurrent.futures.Future[AppendResult] | None:
+        """Commit `record` on this thread if the writer is idle (its settled future); None if it is busy."""
+        if not self._conn_lock.acquire(blocking=False):
+            return None
+        try:
+            with self._cond:
+                if self._queue or self._jobs or self._state != "open" or not self._healthy:
+                    return None  # `_enqueue` queues it behind the others, or says why the log is closed
+            future: concurrent.futures.Future[AppendResult] = concurrent.futures.Future()
+            item = _Pending(record, None, future)
+            _check_new(item)
+            self._commit([item])
+            wake = not self._healthy or self._checkpoint_due()
+        finally:
+            self._conn_lock.release()
+        if wake:  # the writer recovers the log, or signs the checkpoint now due
+            with self._cond:
+                self._cond.notify()
+        return future
+
     def _enqueue(self, item: _Pending) -> None:
-        if not isinstance(item.record, AuditRecord):
-            raise TypeError("append takes an AuditRecord")
-        if item.record.index is not None:
-            raise RecordError("a record handed to the log has no index yet: the log assigns it", field="index")
+        _check_new(item)
         with self._cond:
             if self._state != "open":
                 raise AuditUnavailable(f"the audit log is {self._state}, not open")
@@ -1039,24 +1072,31 @@ class AuditLog:
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 stopping = self._state != "open"
-            for job in jobs:
-                self._run_job(job)
-            if not healthy:
-                if stopping:
+            with self._conn_lock:
+                if not self._writer_turn(batch, jobs, healthy=healthy, stopping=stopping):
                     break
-                self._recover()
-                continue
-            if batch:
-                self._commit(batch)
-            if self._healthy and self._checkpoint_due():
-                self._checkpoint()
+
+    def _writer_turn(self, batch: list[_Pending], jobs: list[_Job], *, healthy: bool, stopping: bool) -> bool:
+        """One turn of the writer, holding the connection; False once it should stop."""
+        for job in jobs:
+            self._run_job(job)
+        if not healthy:
             if stopping:
-                with self._cond:
-                    if self._queue:
-                        continue
-                if self._healthy and self._checkpointer and self._tree.size > self._cp_size:
-                    self._checkpoint()
-                break
+                return False
+            self._recover()
+            return True
+        if batch:
+            self._commit(batch)
+        if self._healthy and self._checkpoint_due():
+            self._checkpoint()
+        if stopping:
+            with self._cond:
+                if self._queue:
+                    return True
+            if self._healthy and self._checkpointer and self._tree.size > self._cp_size:
+                self._checkpoint()
+            return False
+        return True
 
     def _commit(self, batch: list[_Pending]) -> None:
         conn = self._conn
@@ -1439,7 +1479,8 @@ class AuditLog:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(AuditUnavailable("the audit log closed"))
-        self._shutdown_connection()
+        with self._conn_lock:  # a lone caller may still be committing the record it began before the close
+            self._shutdown_connection()
         with self._leaf_lock:
             if self._leaf_conn is not None:
                 self._leaf_conn.close()
@@ -1457,6 +1498,13 @@ class AuditLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(self.close_blocking)
+
+
+def _check_new(item: _Pending) -> None:
+    if not isinstance(item.record, AuditRecord):
+        raise TypeError("append takes an AuditRecord")
+    if item.record.index is not None:
+        raise RecordError("a record handed to the log has no index yet: the log assigns it", field="index")
 
 
 def _create_private(db: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import bench
+from gateway.audit import bench, store
 from gateway.audit.merkle import MerkleTree, leaf_hash
 from gateway.audit.note import Checkpoint, parse_note, verify_note
 from gateway.audit.record import AuditRecord, RecordError
@@ -143,6 +143,97 @@ def test_max_batch_bounds_a_group_commit(db: Path) -> None:
         return commits
 
     assert asyncio.run(run()) == 4
+
+
+def _committing_threads(log: AuditLog) -> list[str]:
+    """Record the name of the thread that runs each commit of `log`."""
+    names: list[str] = []
+    commit = log._commit
+
+    def spy(batch: Any) -> None:
+        names.append(threading.current_thread().name)
+        commit(batch)
+
+    log._commit = spy  # type: ignore[method-assign]
+    return names
+
+
+def test_a_lone_callers_record_is_committed_on_its_own_thread_durable_before_it_returns(db: Path) -> None:
+    async def run() -> tuple[list[int], list[str]]:
+        log = new_log(db, checkpoint_every=1000)
+        log.open()
+        threads = _committing_threads(log)
+        indexes = []
+        for i in range(10):
+            result = await log.append(make_record(i), alone=True)
+            # Committed: another connection sees it the moment append returns.
+            assert rows(db, "SELECT count(*) FROM records")[0][0] == i + 1
+            indexes.append(result.index)
+        await log.close()
+        return indexes, threads
+
+    indexes, threads = asyncio.run(run())
+    assert indexes == list(range(10))
+    assert threads == ["MainThread"] * 10  # no hand-off to the writer thread
+    _verify(db)
+
+
+def test_lone_commits_wake_the_writer_for_the_checkpoints_they_make_due(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "_IDLE_WAIT", 3600.0)  # no idle wake-up: only being told makes it look
+
+    async def run() -> int:
+        log = new_log(db, checkpoint_every=4)
+        log.open()
+        for i in range(10):
+            await log.append(make_record(i), alone=True)
+        wait_for(lambda: log.status()["last_checkpoint_size"] >= 8, what="checkpoint at 8")
+        size = log.status()["last_checkpoint_size"]
+        await log.close()
+        return size
+
+    assert asyncio.run(run()) >= 8
+    _verify(db)
+
+
+def test_a_lone_caller_queues_behind_a_busy_writer_and_company_is_group_committed(db: Path) -> None:
+    async def run() -> tuple[list[int], list[str]]:
+        log = new_log(db, max_batch=1000)
+        log.open()
+        threads = _committing_threads(log)
+        release = _hold_writer(log)  # the writer is busy: a lone caller must not take the connection
+        waiting = [asyncio.ensure_future(log.append(make_record(i), alone=i == 0)) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiting)
+        release.set()
+        done = [r.index for r in await asyncio.gather(*waiting)]
+        await log.close()
+        return done, threads
+
+    done, threads = asyncio.run(run())
+    assert sorted(done) == list(range(5))
+    assert threads == ["audit-writer"]  # all five in the writer's one group commit
+
+
+def test_a_lone_callers_commit_that_fails_closes_the_gate_and_the_writer_recovers(db: Path) -> None:
+    async def run() -> int:
+        log = new_log(db, checkpoint_every=1000)
+        log.open()
+        await log.append(make_record(0), alone=True)
+        log._faults = _once("commit", "disk I/O error")
+        with pytest.raises(AuditUnavailable, match="I/O"):
+            await log.append(make_record(1), alone=True)
+        assert not log.healthy
+        with pytest.raises(AuditUnavailable):  # closed until the writer has proved the log writable again
+            await log.append(make_record(2), alone=True)
+        wait_for(lambda: log.healthy, what="recovery by the writer")
+        index = (await log.append(make_record(3), alone=True)).index
+        await log.close()
+        return index
+
+    assert asyncio.run(run()) == 1  # the failed record took no index
+    _verify(db)
 
 
 def test_a_full_queue_fails_fast_and_drops_nothing_it_accepted(db: Path) -> None:
