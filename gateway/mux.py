@@ -53,7 +53,7 @@ from google.protobuf.message import DecodeError
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.clock import Clock
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, ResourceExhausted, Unavailable
-from gateway.muxstream import HostStream, LinkStreamCall, StreamAborted
+from gateway.muxstream import ITEM_BYTES, HostStream, LinkStreamCall, StreamAborted
 from gateway.relaylink import LinkTarget, TlsLink
 from gateway.tls import ChannelPool
 
@@ -174,6 +174,7 @@ class _ClientStream:
         self._max_frame = max_frame
         #: the largest message the host takes on this channel (its first message says); no call goes before it
         self.peer_max: int | None = None
+        self._spoke = asyncio.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[relay_pb2.MuxResponse]] = {}
         self._outbox: list[relay_pb2.MuxRequest] = []
@@ -235,7 +236,12 @@ class _ClientStream:
         stream_id = next(self._ids)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         call = LinkStreamCall(
-            stream_id, self.host, send=self._send_stream, forget=self._forget_stream, deadline=deadline
+            stream_id,
+            self.host,
+            send=self._send_stream,
+            forget=self._forget_stream,
+            deadline=deadline,
+            limit=self._peer_limit,
         )
         self._calls[stream_id] = call
         return call
@@ -243,6 +249,12 @@ class _ClientStream:
     def _send_stream(self, item: relay_pb2.MuxStream) -> None:
         self._stream_out.append(item)
         self._wake.set()
+
+    async def _peer_limit(self) -> int | None:
+        """What the host takes in one message, once it has said (None: the channel closed first)."""
+        if self.peer_max is None:
+            await self._spoke.wait()
+        return self.peer_max
 
     def _forget_stream(self, stream_id: int) -> None:
         self._calls.pop(stream_id, None)
@@ -315,6 +327,7 @@ class _ClientStream:
                         self._close(Unavailable(f"relay channel to {self.host}: it takes {batch.max_frame} bytes"))
                         return
                     self.peer_max = batch.max_frame
+                    self._spoke.set()
                     self._wake.set()
                 for answer in batch.responses:
                     future = self._pending.pop(answer.id, None)
@@ -353,6 +366,7 @@ class _ClientStream:
             call.fail(reason)
         self._calls.clear()
         self._stream_out.clear()
+        self._spoke.set()
         self.pipe.abort()
         for task in self._tasks:
             if task is not asyncio.current_task():
@@ -526,9 +540,9 @@ def _take_stream_items(items: list[relay_pb2.MuxStream], batch: relay_pb2.MuxBat
     """Move stream items, in order, from `items` into `batch` (at least one, else within `budget`); their bytes."""
     take, size = 0, 0
     for item in items[:_MAX_BATCH_ITEMS]:
-        size += len(item.frame) + 32
+        size += len(item.frame) + ITEM_BYTES
         if take and size > budget:
-            size -= len(item.frame) + 32
+            size -= len(item.frame) + ITEM_BYTES
             break
         take += 1
     batch.streams.extend(items[:take])
@@ -735,7 +749,7 @@ class MuxHost:
         problem: GatewayError | None = None
         if len(self._running) + len(self._streams) >= self._max:
             problem = Unavailable(f"relay channel has {self._max} calls in flight already")
-        stream = HostStream(item.id, certificate=self._certificate, send=self._send_stream)
+        stream = HostStream(item.id, certificate=self._certificate, send=self._send_stream, limit=self._origin_max)
         stream.received(item)
         task = asyncio.get_running_loop().create_task(self._run_stream(stream, problem))
         self._streams[item.id] = (stream, task)
@@ -769,6 +783,9 @@ class MuxHost:
     def _send_stream(self, item: relay_pb2.MuxStream) -> None:
         self._stream_out.append(item)
         self._wake.set()
+
+    def _origin_max(self) -> int:
+        return self.peer_max
 
     def _fitting(self, answer: relay_pb2.MuxResponse) -> relay_pb2.MuxResponse:
         """`answer`, or RESOURCE_EXHAUSTED in its place if it is over what the origin takes in one message."""

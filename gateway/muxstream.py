@@ -12,6 +12,10 @@ tagged with the stream's id, and this module supplies what HTTP/2 did:
   takes frames. A sender that exceeds the window ends the channel
   (`InvalidArgument`), so one stream can never make the other side buffer
   more than its window.
+- **Size.** A frame that would make a channel message larger than the other
+  side takes (`MuxBatch.max_frame`) is not sent: the host's handler gets
+  `ResourceExhausted` (recorded, the stream refused), the origin's call ends
+  RESOURCE_EXHAUSTED and the host's is cancelled. The channel serves on.
 - **The ends.** The origin half-closes with `end`, abandons with `cancel`;
   the host ends with `end` after the response seal, or with a `refusal` (a
   status, unsealed: a refusal before the envelope verified), exactly the
@@ -29,15 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, ResourceExhausted
 
-__all__ = ["WINDOW", "HostStream", "LinkStreamCall", "StreamAborted"]
+__all__ = ["ITEM_BYTES", "WINDOW", "HostStream", "LinkStreamCall", "StreamAborted"]
+
+log = logging.getLogger("psngw.mux")
+
+#: Bytes a channel message spends on one stream item beyond its frame (id, tags, lengths).
+ITEM_BYTES = 32
 
 #: Bytes of frames either side may send on one stream before the other grants more.
 WINDOW = 1 << 20
@@ -132,10 +142,18 @@ class HostStream:
     gRPC context. `send` queues one item for the channel's writer.
     """
 
-    def __init__(self, stream_id: int, *, certificate: bytes | None, send: Callable[[relay_pb2.MuxStream], None]):
+    def __init__(
+        self,
+        stream_id: int,
+        *,
+        certificate: bytes | None,
+        send: Callable[[relay_pb2.MuxStream], None],
+        limit: Callable[[], int] | None = None,
+    ):
         self.id = stream_id
         self._certificate = certificate
         self._send = send
+        self._limit = limit
         self._credit = _Credit()
         self._inbox = _Inbox(lambda size: send(relay_pb2.MuxStream(id=stream_id, credit=size)))
         #: set once the handler aborted: later frames from the origin are dropped
@@ -172,8 +190,14 @@ class HostStream:
         return item
 
     async def write(self, frame: relay_pb2.RelayFrame) -> None:
-        """Send one frame to the origin, within the stream's window."""
+        """Send one frame to the origin, within the stream's window (`ResourceExhausted` if it is too large)."""
         data = frame.SerializeToString()
+        limit = None if self._limit is None else self._limit()
+        if limit is not None and len(data) + ITEM_BYTES > limit:
+            raise ResourceExhausted(
+                f"relay stream frame of {len(data)} bytes is over the {limit} bytes the origin gateway takes"
+                " in one message"
+            )
         await self._credit.take(len(data))
         self._send(relay_pb2.MuxStream(id=self.id, frame=data))
 
@@ -215,10 +239,12 @@ class LinkStreamCall:
         send: Callable[[relay_pb2.MuxStream], None],
         forget: Callable[[int], None],
         deadline: float | None,
+        limit: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self.id = stream_id
         self._host = host
         self._send = send
+        self._limit = limit
         self._forget = forget
         self._deadline = deadline
         self._credit = _Credit()
@@ -258,6 +284,15 @@ class LinkStreamCall:
         if self._over:
             return  # the host has ended the stream: its outcome waits in the inbox
         data = frame.SerializeToString()
+        limit = None if self._limit is None else await self._limit()
+        if limit is not None and len(data) + ITEM_BYTES > limit:
+            log.warning(
+                "relay stream %d to %s: a frame of %d bytes is over the %d bytes its gateway takes in one message",
+                self.id, self._host, len(data), limit,
+            )  # fmt: skip
+            self._inbox.put(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large for the host gateway"))
+            self.cancel()  # the host's call ends too; read() gives the status
+            return
         await self._credit.take(len(data))
         self._send(relay_pb2.MuxStream(id=self.id, frame=data))
 

@@ -4,8 +4,9 @@ Each end states, in its first message, the largest message it takes; the origin 
 has the host's. What must hold: a request over the host's figure is refused at the origin with
 RESOURCE_EXHAUSTED and never sent (also one queued before the host spoke); requests are packed into
 messages under the host's figure; an answer over the origin's figure is replaced by RESOURCE_EXHAUSTED
-for that call alone; and the channel serves on after each, so one large message never ends a channel
-that other calls share.
+for that call alone; a streaming frame over the other side's figure ends its own stream
+(RESOURCE_EXHAUSTED), never sent; and the channel serves on after each, so one large message never
+ends a channel that other calls share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.errors import GatewayError, ResourceExhausted
 from gateway.mux import MuxHost, _ClientStream
+from gateway.muxstream import HostStream
 from tests.unit.test_muxstream import Pipe
 
 KIB = 1024
@@ -27,15 +29,17 @@ LARGE = 8 << 20
 
 
 class CountingPipe(Pipe):
-    """A `Pipe` that keeps the size of every message each end sends."""
+    """A `Pipe` that keeps the size of every message each end sends, and the origin's stream items."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sizes: list[int] = []
         self.host_sizes: list[int] = []
+        self.stream_items: list[relay_pb2.MuxStream] = []
 
     async def write(self, batch: relay_pb2.MuxBatch) -> None:
         self.sizes.append(batch.ByteSize())
+        self.stream_items.extend(batch.streams)
         await super().write(batch)
 
     async def host_write(self, batch: relay_pb2.MuxBatch) -> None:
@@ -146,3 +150,84 @@ def test_an_answer_over_what_the_origin_takes_is_refused_in_its_place_and_the_ot
         assert got == [10 * KIB] * 4 + [exhausted] + [10 * KIB] * 4 + [10]
     assert SMALL in seen  # the host ran the call (and recorded it); only its answer was too large to send
     assert max(host_sizes) <= SMALL, host_sizes  # answers packed under what the origin takes
+
+
+# -- streaming calls: a frame too large for the other side ends its own stream, not the channel --------------
+
+
+def _frame(size: int) -> relay_pb2.RelayFrame:
+    return relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=0, data=b"f" * size))
+
+
+def test_a_stream_frame_over_what_the_host_takes_ends_that_stream_and_the_channel_serves_on() -> None:
+    frames: list[int] = []
+
+    async def handle_stream(stream: HostStream, _problem: GatewayError | None) -> None:
+        while (data := await stream.read()) is not grpc.aio.EOF:
+            frames.append(len(data))
+
+    async def run() -> tuple[Any, Any, CountingPipe, int]:
+        pipe = CountingPipe()
+        host = _host(pipe, max_frame=SMALL, seen=[])
+        host._handle_stream = handle_stream
+        serving = asyncio.ensure_future(host.serve())
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE)  # type: ignore[arg-type]
+        call = client.open_stream(timeout=5)
+        await call.write(_frame(100))
+        await call.write(_frame(SMALL))  # too large for the host: not sent
+        try:
+            outcome: Any = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            outcome = exc
+        after = await client.call(_request(10), timeout=5)  # answered after the cancel was read
+        running = len(host._streams)
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return outcome, after, pipe, running
+
+    outcome, after, pipe, running = asyncio.run(run())
+    assert isinstance(outcome, grpc.aio.AioRpcError) and outcome.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too large" in (outcome.details() or "")
+    assert after.HasField("response")  # the channel serves on
+    assert all(len(i.frame) < SMALL for i in pipe.stream_items)  # the large frame was never sent
+    assert [i.id for i in pipe.stream_items if i.cancel] == [1]  # the host was told to stop the call
+    assert running == 0 and all(n < SMALL for n in frames)
+
+
+def test_a_stream_frame_over_what_the_origin_takes_is_refused_to_the_hosts_handler() -> None:
+    raised: list[BaseException] = []
+
+    async def handle_stream(stream: HostStream, _problem: GatewayError | None) -> None:
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+        await stream.write(_frame(100))
+        try:
+            await stream.write(_frame(SMALL))
+        except ResourceExhausted as exc:  # the gateway's handler records it and refuses the stream
+            raised.append(exc)
+            await stream.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "resource exhausted")
+
+    async def run() -> tuple[list[Any], Any]:
+        pipe = Pipe()
+        host = _host(pipe, max_frame=LARGE, seen=[])
+        host._handle_stream = handle_stream
+        serving = asyncio.ensure_future(host.serve())
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=SMALL)  # type: ignore[arg-type]
+        call = client.open_stream(timeout=5)
+        await call.write(_frame(10))
+        await call.done_writing()
+        got: list[Any] = []
+        try:
+            while (data := await call.read()) is not grpc.aio.EOF:
+                got.append(len(data))
+        except grpc.aio.AioRpcError as exc:
+            got.append(exc.code())
+        after = await client.call(_request(10), timeout=5)
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return got, after
+
+    got, after = asyncio.run(run())
+    assert len(raised) == 1 and f"over the {SMALL} bytes the origin gateway takes" in str(raised[0])
+    assert got[-1] is grpc.StatusCode.RESOURCE_EXHAUSTED and len(got) == 2, got
+    assert after.HasField("response")
