@@ -958,7 +958,13 @@ class AuditLog:
             future: concurrent.futures.Future[AppendResult] = concurrent.futures.Future()
             item = _Pending(record, None, future)
             _check_new(item)
-            self._commit([item])
+            try:
+                self._commit([item])
+            except Exception as exc:  # noqa: BLE001 - as when the writer dies: the gate closes, the caller hears
+                if self._conn is not None:
+                    self._rollback(self._conn)
+                self._inflight = []
+                self._fail(f"a commit failed unexpectedly: {exc!r}", [item])
             wake = not self._healthy or self._checkpoint_due()
         finally:
             self._conn_lock.release()

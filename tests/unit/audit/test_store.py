@@ -236,6 +236,29 @@ def test_a_lone_callers_commit_that_fails_closes_the_gate_and_the_writer_recover
     _verify(db)
 
 
+def test_a_lone_callers_commit_that_fails_unexpectedly_still_closes_the_gate_and_recovers(db: Path) -> None:
+    def bug(point: str) -> None:
+        if point == "commit":
+            raise RuntimeError("a bug")
+
+    async def run() -> int:
+        log = new_log(db, checkpoint_every=1000)
+        log.open()
+        await log.append(make_record(0), alone=True)
+        log._faults = bug
+        with pytest.raises(AuditUnavailable, match="a bug"):  # never the bug itself, never a success
+            await log.append(make_record(1), alone=True)
+        log._faults = None
+        assert not log.healthy
+        wait_for(lambda: log.healthy, what="recovery by the writer")
+        index = (await log.append(make_record(2), alone=True)).index
+        await log.close()
+        return index
+
+    assert asyncio.run(run()) == 1
+    _verify(db)
+
+
 def test_a_full_queue_fails_fast_and_drops_nothing_it_accepted(db: Path) -> None:
     async def run() -> None:
         log = new_log(db, max_queue=5)
