@@ -375,11 +375,13 @@ LinkHandler = Callable[[bytes, LinkConnection], Awaitable[None]]
 class RelayLinkListener:
     """The host's relay listener: accept, handshake with the newest material, hand each link to the gateway.
 
-    `context()` is asked at every handshake (from the TLS server-name callback,
-    which runs whether or not the client sends a name), so a rotated
+    Connections are accepted here (nothing is read from them) and then
+    handshaken with `context()` as it is at that moment, so a rotated
     certificate or a changed set of trusted CAs applies from the next
-    connection on. At most `max_links` links are served at once; more are
-    closed at once.
+    connection on. At most `max_handshakes` handshakes run at once and at most
+    `max_links` links are served; a connection over either is closed the moment
+    it is accepted, so clients that connect and never finish a handshake hold at
+    most `max_handshakes` sockets, each for at most `HANDSHAKE_SECONDS`.
     """
 
     def __init__(
@@ -391,6 +393,7 @@ class RelayLinkListener:
         reuse_port: bool,
         max_frame: int,
         max_links: int = 256,
+        max_handshakes: int = 64,
     ) -> None:
         self._address = address
         self._context = context
@@ -398,42 +401,67 @@ class RelayLinkListener:
         self._reuse_port = reuse_port
         self._max_frame = max_frame
         self._max = max_links
-        self._server: asyncio.Server | None = None
+        self._max_handshakes = max_handshakes
+        self._socket: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._links: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._last: ssl.SSLContext | None = None
 
     async def start(self) -> int:
         """Bind and listen; the bound port."""
         host, port = split_address(self._address)
-        first = self._context()
-        first.sni_callback = self._newest
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: LinkConnection(self._max_frame, on_open=self._accept),
-            host,
-            port,
-            ssl=first,
-            ssl_handshake_timeout=HANDSHAKE_SECONDS,
-            reuse_port=self._reuse_port or None,
-            backlog=512,
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        self._last = self._context()  # material that cannot be loaded fails the start, not the first handshake
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family, backlog=512, reuse_port=self._reuse_port)
+        listening.setblocking(False)
+        self._socket = listening
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
+        return int(listening.getsockname()[1])
 
-    def _newest(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _first: ssl.SSLContext) -> None:
-        # Called by OpenSSL on each ClientHello: serve the newest key pair and client roots.
+    async def _accept_loop(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listening)
+            except OSError as exc:  # out of descriptors, or the socket closed under us: try again shortly
+                log.warning("relay listener: accept failed: %r", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._handshakes) >= self._max_handshakes:
+                log.warning("relay listener: %d handshakes under way already, refusing %s", self._max_handshakes, peer)
+                conn.close()
+                continue
+            if len(self._links) + len(self._handshakes) >= self._max:
+                log.warning("relay listener: %d links open already, refusing %s", self._max, peer)
+                conn.close()
+                continue
+            task = loop.create_task(self._handshake(conn, peer))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _newest(self) -> ssl.SSLContext:
+        """The context for the next handshake: the newest material, or the last that loaded."""
         try:
-            newest = self._context()
+            self._last = self._context()
         except Unavailable as exc:
             log.error("relay listener keeps its previous TLS material: %s", exc.reason)
-            return
-        if connection.context is not newest:
-            connection.context = newest
+        assert self._last is not None  # noqa: S101  # set by start()
+        return self._last
 
-    def _accept(self, connection: LinkConnection) -> None:
-        # Called once the handshake is done (asyncio tells the protocol only then).
-        transport = connection.transport
-        peer = None if transport is None else transport.get_extra_info("peername")
-        if len(self._links) >= self._max:
-            log.warning("relay listener: %d links open already, refusing %s", self._max, peer)
-            connection.abort()
+    async def _handshake(self, conn: socket.socket, peer: object) -> None:
+        connection = LinkConnection(self._max_frame)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, conn, ssl=self._newest(), ssl_handshake_timeout=HANDSHAKE_SECONDS
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the edge: whatever ended the handshake, this connection is over
+            # Refused by TLS before the gateway sees a peer: logged, not recorded (as on the gRPC listeners).
+            log.info("relay listener: handshake with %s failed: %r", peer, exc)
+            conn.close()
             return
         task = asyncio.get_running_loop().create_task(self._serve(connection, peer))
         self._links.add(task)
@@ -452,8 +480,16 @@ class RelayLinkListener:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; links end when the gateway's handler returns (it drains); after `grace` s, cut."""
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+        if self._socket is not None:
+            self._socket.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
         if not self._links:
             return
         _, late = await asyncio.wait(set(self._links), timeout=grace)

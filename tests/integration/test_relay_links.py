@@ -749,6 +749,74 @@ def test_the_origin_sends_nothing_over_a_link_whose_host_is_not_that_forces_gate
             origin._check_link_host(TV, der(cert))
 
 
+# -- connections that never finish a handshake ---------------------------------------------------
+
+
+def test_connections_that_never_finish_a_handshake_are_capped_and_the_listener_serves_on(lnet: NetworkThread) -> None:
+    origin = _gateway(lnet, SURREY)
+    mux = origin.relay.mux
+    assert mux is not None
+    real_target = mux._targets[TV]
+    tv_tls = lnet.layout.material[TV].gateway_tls
+    roots = b"".join(lnet.layout.material[f].ca.read_bytes() for f in lnet.layout.material)
+    context = server_context(KeyPair.load(tv_tls.cert_path, tv_tls.key_path), roots)
+    served: list[bytes] = []
+
+    async def handle(certificate: bytes, connection: LinkConnection) -> None:
+        served.append(certificate)
+        with contextlib.suppress(GatewayError, OSError):
+            await connection.read()
+
+    async def run() -> tuple[bytes | str, int, int, str]:
+        listener = RelayLinkListener(
+            "127.0.0.1:0", context=lambda: context, handle=handle, reuse_port=False, max_frame=1 << 20,
+            max_handshakes=4,
+        )  # fmt: skip
+        port = await listener.start()
+        try:
+            # Four clients connect and say nothing: four handshakes wait for a ClientHello.
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+            for _ in range(100):
+                if len(listener._handshakes) == 4:
+                    break
+                await asyncio.sleep(0.01)
+            waiting = len(listener._handshakes)
+            # A fifth is closed the moment it is accepted, not held for the handshake timeout.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                fifth: bytes | str = await asyncio.wait_for(reader.read(), 2)
+            except ConnectionResetError:
+                fifth = "reset"
+            writer.close()
+            # The idle ones leave: their handshakes end and free their places.
+            for _, w in idle:
+                w.close()
+            for _ in range(200):
+                if not listener._handshakes:
+                    break
+                await asyncio.sleep(0.01)
+            left = len(listener._handshakes)
+            # A gateway that does handshake is served.
+            target = dataclasses.replace(real_target, address=f"127.0.0.1:{port}")
+            link = TlsLink(TV, target, check=partial(origin._check_link_host, TV), max_frame=1 << 20)
+            try:
+                await link.write(relay_pb2.MuxBatch())
+                outcome = "written"
+            except Unavailable as exc:
+                outcome = exc.reason
+            finally:
+                link.abort()
+            return fifth, waiting, left, outcome
+        finally:
+            await listener.stop(1)
+
+    fifth, waiting, left, outcome = lnet.run(run())
+    assert waiting == 4
+    assert fifth in (b"", "reset"), fifth  # closed at once: nothing was ever sent to it
+    assert left == 0
+    assert outcome == "written" and len(served) == 1
+
+
 # -- stopping ---------------------------------------------------------------------------------------
 
 
