@@ -107,13 +107,18 @@ def _shape(rows: list[Any]) -> list[tuple[str, str, str, str]]:
 # -- the calls travel over links ------------------------------------------------------------------
 
 
-def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_both_ends(
-    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # With Relay/Unary and Relay/Mux both switched off at every gateway, only relay links can carry a call:
-    # an origin that tried Relay/Mux would fall back to Relay/Unary and fail.
+@pytest.fixture
+def links_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relay/Unary and Relay/Mux switched off at every gateway: only relay links can carry a call.
+
+    An origin that tried Relay/Mux would fall back to Relay/Unary and fail.
+    """
     monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
     monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
+
+
+@pytest.mark.usefixtures("links_only")
+def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_both_ends(lnet: NetworkThread) -> None:
     officer = fresh_officer()
     since = time.time()
     with lnet.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(16) as pool:
@@ -163,12 +168,10 @@ def _padded_custody_request(extra: int) -> bytes:
     return request + b"\xfa\x06" + bytes(length) + b"p" * extra  # field 111, length-delimited
 
 
+@pytest.mark.usefixtures("links_only")
 def test_a_unary_request_over_256_kib_travels_on_a_link_of_its_own_and_is_recorded_at_both_ends(
-    lnet: NetworkThread, monkeypatch: pytest.MonkeyPatch
+    lnet: NetworkThread,
 ) -> None:
-    # Relay/Unary and Relay/Mux switched off everywhere, as above: only a link can carry the large request.
-    monkeypatch.setattr(server_module, "_RELAY_UNARY", "/psn.gateway.v1.Relay/Switched-Off")
-    monkeypatch.setattr(server_module, "MUX_METHOD", "/psn.gateway.v1.Relay/Switched-Off-Too")
     officer = fresh_officer()
     since = time.time()
     large = _padded_custody_request(300 * 1024)

@@ -159,6 +159,17 @@ def _frame(size: int) -> relay_pb2.RelayFrame:
     return relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=0, data=b"f" * size))
 
 
+def _streaming_channel(
+    pipe: Pipe, handle_stream: Any, *, host_takes: int, origin_takes: int
+) -> tuple[MuxHost, asyncio.Future[None], _ClientStream]:
+    """A host serving `handle_stream` and an origin on `pipe`, each taking what it is told in one message."""
+    host = _host(pipe, max_frame=host_takes, seen=[])
+    host._handle_stream = handle_stream
+    serving = asyncio.ensure_future(host.serve())
+    client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=origin_takes)  # type: ignore[arg-type]
+    return host, serving, client
+
+
 def test_a_stream_frame_over_what_the_host_takes_ends_that_stream_and_the_channel_serves_on() -> None:
     frames: list[int] = []
 
@@ -168,10 +179,7 @@ def test_a_stream_frame_over_what_the_host_takes_ends_that_stream_and_the_channe
 
     async def run() -> tuple[Any, Any, CountingPipe, int]:
         pipe = CountingPipe()
-        host = _host(pipe, max_frame=SMALL, seen=[])
-        host._handle_stream = handle_stream
-        serving = asyncio.ensure_future(host.serve())
-        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE)  # type: ignore[arg-type]
+        host, serving, client = _streaming_channel(pipe, handle_stream, host_takes=SMALL, origin_takes=LARGE)
         call = client.open_stream(timeout=5)
         await call.write(_frame(100))
         await call.write(_frame(SMALL))  # too large for the host: not sent
@@ -208,11 +216,7 @@ def test_a_stream_frame_over_what_the_origin_takes_is_refused_to_the_hosts_handl
             await stream.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "resource exhausted")
 
     async def run() -> tuple[list[Any], Any]:
-        pipe = Pipe()
-        host = _host(pipe, max_frame=LARGE, seen=[])
-        host._handle_stream = handle_stream
-        serving = asyncio.ensure_future(host.serve())
-        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=SMALL)  # type: ignore[arg-type]
+        _host_end, serving, client = _streaming_channel(Pipe(), handle_stream, host_takes=LARGE, origin_takes=SMALL)
         call = client.open_stream(timeout=5)
         await call.write(_frame(10))
         await call.done_writing()
