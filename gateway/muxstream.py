@@ -47,7 +47,7 @@ __all__ = ["ITEM_BYTES", "WINDOW", "HostStream", "LinkStreamCall", "StreamAborte
 log = logging.getLogger("psngw.mux")
 
 #: Bytes a channel message spends on one stream item beyond its frame (id, tags, lengths).
-ITEM_BYTES = 32
+ITEM_BYTES = 64
 
 #: Bytes of frames either side may send on one stream before the other grants more.
 WINDOW = 1 << 20
