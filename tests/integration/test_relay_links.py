@@ -51,6 +51,7 @@ from gateway.tls import KeyPair
 from tests.integration._hostile_common import (
     SEARCH,
     SEARCH_MSG,
+    append_config,
     case_files,
     fresh_officer,
     relay_network,
@@ -64,7 +65,7 @@ from tests.integration._hostile_peer import (
     envelope_frame,
     message_frame,
 )
-from tests.netharness import NetworkThread, records_since, search, wait_for
+from tests.netharness import NetworkThread, custody, records_since, search, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +193,46 @@ def test_a_unary_request_over_256_kib_travels_on_a_link_of_its_own_and_is_record
         (r.status, r.request_id, r.request_digest) for r in host
     ]
     assert [r.status for r in host] == ["OK"]
+
+
+def test_a_request_larger_than_the_host_takes_is_refused_at_the_origin_and_the_shared_link_serves_on(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Hampshire takes messages of 64 KiB (its links, frames of 128 KiB); Surrey's applications may send 4 MiB.
+    # A 200 KiB request goes on the links shared with small calls: the origin must refuse it, not send it and
+    # have the host end the link under its neighbours.
+    net = NetworkThread(tmp_path_factory.mktemp("link-limits-net"), relay_links=True)
+    append_config(net, {HANTS: "[limits]\nmax_message_bytes = 65536\n"})
+    net.start()
+    try:
+        officer = fresh_officer()
+        since = time.time()
+        large = _padded_custody_request(200 * 1024)
+        with net.officer_channel(SURREY, officer=officer) as channel, ThreadPoolExecutor(8) as pool:
+            get = channel.unary_unary("/psn.demo.custody.v1.CustodyRecords/GetRecord")
+
+            def large_call() -> str:
+                try:
+                    get(large, timeout=10)
+                except grpc.RpcError as exc:
+                    return exc.code().name
+                return "OK"
+
+            small = [pool.submit(custody, channel) for _ in range(12)]
+            refused = [pool.submit(large_call) for _ in range(3)]
+            small += [pool.submit(custody, channel) for _ in range(12)]
+            assert [f.result() for f in refused] == ["RESOURCE_EXHAUSTED"] * 3
+            assert all(f.result() == (grpc.StatusCode.OK, "") for f in small), [f.result() for f in small]
+        origin = [r for r in records_since(net, SURREY, since) if r.officer_id == officer]
+        host = [r for r in records_since(net, HANTS, since) if r.officer_id == officer]
+        over = [r for r in origin if r.status == "RESOURCE_EXHAUSTED"]
+        assert len(over) == 3 and all("over the" in r.refusal_reason for r in over), [r.refusal_reason for r in over]
+        assert len(host) == 24 and all(r.status == "OK" for r in host)  # nothing of the large ones reached it
+        assert not [r for r in records_since(net, HANTS, since) if r.method == LINK_METHOD]  # no link was ended
+        mux = _gateway(net, SURREY).relay.mux
+        assert mux is not None and mux.streams(HANTS) >= 1
+    finally:
+        net.stop()
 
 
 # -- who may open a link --------------------------------------------------------------------------
