@@ -44,6 +44,7 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
@@ -378,10 +379,13 @@ class RelayLinkListener:
     Connections are accepted here (nothing is read from them) and then
     handshaken with `context()` as it is at that moment, so a rotated
     certificate or a changed set of trusted CAs applies from the next
-    connection on. At most `max_handshakes` handshakes run at once and at most
-    `max_links` links are served; a connection over either is closed the moment
-    it is accepted, so clients that connect and never finish a handshake hold at
-    most `max_handshakes` sockets, each for at most `HANDSHAKE_SECONDS`.
+    connection on. At most `max_handshakes` handshakes run at once, at most
+    `max_handshakes_per_address` of them from one address, and at most
+    `max_links` links are served; a connection over any of these is closed the
+    moment it is accepted. So clients that connect and never finish a handshake
+    hold at most `max_handshakes` sockets, each for at most `HANDSHAKE_SECONDS`,
+    and one address cannot take every place: the other forces' gateways still
+    get through.
     """
 
     def __init__(
@@ -394,6 +398,7 @@ class RelayLinkListener:
         max_frame: int,
         max_links: int = 256,
         max_handshakes: int = 64,
+        max_handshakes_per_address: int = 16,
     ) -> None:
         self._address = address
         self._context = context
@@ -402,6 +407,9 @@ class RelayLinkListener:
         self._max_frame = max_frame
         self._max = max_links
         self._max_handshakes = max_handshakes
+        self._max_per_address = max_handshakes_per_address
+        #: handshakes under way, by the client's address
+        self._from: collections.Counter[str] = collections.Counter()
         self._socket: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._links: set[asyncio.Task[None]] = set()
@@ -428,17 +436,28 @@ class RelayLinkListener:
                 log.warning("relay listener: accept failed: %r", exc)
                 await asyncio.sleep(0.1)
                 continue
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+            refusal = None
             if len(self._handshakes) >= self._max_handshakes:
-                log.warning("relay listener: %d handshakes under way already, refusing %s", self._max_handshakes, peer)
+                refusal = f"{self._max_handshakes} handshakes under way already"
+            elif self._from[address] >= self._max_per_address:
+                refusal = f"{self._max_per_address} handshakes under way from {address} already"
+            elif len(self._links) + len(self._handshakes) >= self._max:
+                refusal = f"{self._max} links open already"
+            if refusal is not None:
+                log.warning("relay listener: %s, refusing %s", refusal, peer)
                 conn.close()
                 continue
-            if len(self._links) + len(self._handshakes) >= self._max:
-                log.warning("relay listener: %d links open already, refusing %s", self._max, peer)
-                conn.close()
-                continue
+            self._from[address] += 1
             task = loop.create_task(self._handshake(conn, peer))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(partial(self._handshake_done, address))
+
+    def _handshake_done(self, address: str, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        self._from[address] -= 1
+        if self._from[address] <= 0:
+            del self._from[address]
 
     def _newest(self) -> ssl.SSLContext:
         """The context for the next handshake: the newest material, or the last that loaded."""

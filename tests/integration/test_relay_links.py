@@ -811,54 +811,68 @@ def test_connections_that_never_finish_a_handshake_are_capped_and_the_listener_s
         with contextlib.suppress(GatewayError, OSError):
             await connection.read()
 
-    async def run() -> tuple[bytes | str, int, int, str]:
+    async def run() -> dict[str, Any]:
         listener = RelayLinkListener(
             "127.0.0.1:0", context=lambda: context, handle=handle, reuse_port=False, max_frame=1 << 20,
-            max_handshakes=4,
+            max_handshakes=8, max_handshakes_per_address=4,
         )  # fmt: skip
         port = await listener.start()
-        try:
-            # Four clients connect and say nothing: four handshakes wait for a ClientHello.
-            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
-            for _ in range(100):
-                if len(listener._handshakes) == 4:
-                    break
-                await asyncio.sleep(0.01)
-            waiting = len(listener._handshakes)
-            # A fifth is closed the moment it is accepted, not held for the handshake timeout.
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                fifth: bytes | str = await asyncio.wait_for(reader.read(), 2)
-            except ConnectionResetError:
-                fifth = "reset"
-            writer.close()
-            # The idle ones leave: their handshakes end and free their places.
-            for _, w in idle:
-                w.close()
+        seen: dict[str, Any] = {}
+        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def connect(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            # A client that connects and says nothing: its handshake waits for a ClientHello.
+            return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+        async def settle(count: int) -> int:
             for _ in range(200):
-                if not listener._handshakes:
+                if len(listener._handshakes) == count:
                     break
                 await asyncio.sleep(0.01)
-            left = len(listener._handshakes)
-            # A gateway that does handshake is served.
+            return len(listener._handshakes)
+
+        async def closed_at_once(source: str) -> bool:
+            reader, writer = await connect(source)
+            try:
+                return await asyncio.wait_for(reader.read(), 2) == b""  # not held for the handshake timeout
+            except ConnectionResetError:
+                return True
+            finally:
+                writer.close()
+
+        try:
+            idle += [await connect("127.0.0.2") for _ in range(4)]
+            seen["one address"] = await settle(4)
+            seen["its fifth"] = await closed_at_once("127.0.0.2")  # over the per-address cap
+            idle += [await connect("127.0.0.3") for _ in range(4)]  # another address still gets in
+            seen["two addresses"] = await settle(8)
+            seen["a third address"] = await closed_at_once("127.0.0.4")  # over the listener's cap
+            for _, writer in idle:  # the idle clients leave: their handshakes end and free their places
+                writer.close()
+            seen["left"] = await settle(0)
             target = dataclasses.replace(real_target, address=f"127.0.0.1:{port}")
             link = TlsLink(TV, target, check=partial(origin._check_link_host, TV), max_frame=1 << 20)
             try:
-                await link.write(relay_pb2.MuxBatch())
-                outcome = "written"
+                await link.write(relay_pb2.MuxBatch())  # a gateway that does handshake is served
+                seen["gateway"] = "written"
             except Unavailable as exc:
-                outcome = exc.reason
+                seen["gateway"] = exc.reason
             finally:
                 link.abort()
-            return fifth, waiting, left, outcome
+            return seen
         finally:
             await listener.stop(1)
 
-    fifth, waiting, left, outcome = lnet.run(run())
-    assert waiting == 4
-    assert fifth in (b"", "reset"), fifth  # closed at once: nothing was ever sent to it
-    assert left == 0
-    assert outcome == "written" and len(served) == 1
+    seen = lnet.run(run())
+    assert seen == {
+        "one address": 4,
+        "its fifth": True,
+        "two addresses": 8,
+        "a third address": True,
+        "left": 0,
+        "gateway": "written",
+    }, seen
+    assert len(served) == 1
 
 
 # -- stopping ---------------------------------------------------------------------------------------
