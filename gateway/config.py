@@ -134,6 +134,8 @@ class LimitsConfig:
     backend_connect_timeout: float = 2.0
     shutdown_grace: float = 10.0
     max_concurrent_calls: int = 1000
+    #: connections each gRPC listener holds at once, those still in their TLS handshake included
+    max_connections: int = 256
     peer_failures: int = 5
     peer_cooldown: float = 5.0
 
@@ -157,6 +159,7 @@ class LimitsConfig:
             ),
             shutdown_grace=sec.number("shutdown_grace_seconds", d.shutdown_grace, minimum=0, maximum=600),
             max_concurrent_calls=sec.integer("max_concurrent_calls", d.max_concurrent_calls, minimum=1, maximum=100000),
+            max_connections=sec.integer("max_connections", d.max_connections, minimum=1, maximum=65536),
             peer_failures=sec.integer("peer_failures", d.peer_failures, minimum=1, maximum=1000),
             peer_cooldown=sec.number("peer_cooldown_seconds", d.peer_cooldown, minimum=0.1, maximum=3600),
         )

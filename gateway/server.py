@@ -419,6 +419,9 @@ class Gateway:
             ("grpc.max_metadata_size", 4 * limits.max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", 8 * limits.max_metadata_bytes),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
+            # Counted from the moment a connection is accepted: clients that never finish a TLS handshake
+            # cannot hold more sockets than this (grpc closes the connection over it at once).
+            ("grpc.max_allowed_incoming_connections", limits.max_connections),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]

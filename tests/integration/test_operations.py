@@ -7,6 +7,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 from gateway import client
 from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_grpc
 from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
+from tests.integration._hostile_common import append_config
 from tests.netharness import NetworkThread
 
 pytestmark = pytest.mark.integration
@@ -201,3 +203,47 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path: Path, edit: object, expec
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"psngw: {config}:"), lines[0]
     assert re.search(expected, lines[0]), lines[0]
+
+
+def test_a_grpc_listener_holds_at_most_max_connections_so_idle_handshakes_cannot_take_its_sockets(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Clients that connect to a gRPC listener and never begin their TLS handshake: the fifth connection over a
+    # cap of four is closed as it is accepted, and once the idle ones leave, an application is served again.
+    net = NetworkThread(tmp_path_factory.mktemp("max-connections-net"))
+    append_config(net, {"surrey": "[limits]\nmax_connections = 4\n"})
+    net.start()
+    idle: list[socket.socket] = []
+    try:
+        host, _, port = net.layout.local_address("surrey").rpartition(":")
+        for _ in range(4):
+            idle.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(0.3)  # grpc has accepted them
+        fifth = socket.create_connection((host, int(port)), timeout=5)
+        try:
+            fifth.settimeout(2)  # closed at once, not held for the handshake timeout
+            try:
+                closed = fifth.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+        finally:
+            fifth.close()
+        assert closed
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while True:  # grpc notices the idle ones have gone
+            with net.officer_channel("surrey") as ch:
+                stub = intel_pb2_grpc.IntelligenceSearchStub(ch)
+                try:
+                    stub.Search(intel_pb2.SearchRequest(subject="alpha"), timeout=2)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.2)
+    finally:
+        for s in idle:
+            s.close()
+        net.stop()
