@@ -235,3 +235,41 @@ def test_a_stream_frame_over_what_the_origin_takes_is_refused_to_the_hosts_handl
     assert len(raised) == 1 and f"over the {SMALL} bytes the origin gateway takes" in str(raised[0])
     assert got[-1] is grpc.StatusCode.RESOURCE_EXHAUSTED and len(got) == 2, got
     assert after.HasField("response")
+
+
+def test_mixed_requests_stream_frames_and_cancels_are_packed_under_the_hosts_limit() -> None:
+    # Requests, stream frames and a cancellation queued together before the host speaks, in sizes that
+    # fill messages unevenly: every message the origin sends stays within what the host takes, and
+    # every request and frame still arrives.
+    frames: list[int] = []
+
+    async def handle_stream(stream: HostStream, _problem: GatewayError | None) -> None:
+        while (data := await stream.read()) is not grpc.aio.EOF:
+            frames.append(len(data))
+
+    async def run() -> tuple[list[Any], CountingPipe]:
+        pipe = CountingPipe()
+        client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE)  # type: ignore[arg-type]
+        streams = [client.open_stream(timeout=5) for _ in range(3)]
+        sizes = [1, 30 * KIB, 5 * KIB, 50 * KIB, 20 * KIB, 63 * KIB, 2 * KIB, 40 * KIB]
+        calls = [asyncio.ensure_future(_outcome(client.call(_request(n), timeout=5))) for n in sizes]
+        writes = [asyncio.ensure_future(s.write(_frame(n))) for s in streams for n in (40 * KIB, 25 * KIB, 60 * KIB)]
+        gone = asyncio.ensure_future(_outcome(client.call(_request(10), timeout=0.001)))  # gives up: a cancel
+        for _ in range(20):
+            await asyncio.sleep(0)
+        host = _host(pipe, max_frame=SMALL, seen=[])
+        host._handle_stream = handle_stream
+        serving = asyncio.ensure_future(host.serve())
+        await asyncio.gather(*writes)
+        for s in streams:
+            await s.done_writing()
+        outcomes = await asyncio.gather(*calls)
+        await gone
+        await client.close()
+        await asyncio.wait_for(serving, 5)
+        return outcomes, pipe
+
+    outcomes, pipe = asyncio.run(run())
+    assert all(o.HasField("response") for o in outcomes), outcomes
+    assert max(pipe.sizes) <= SMALL, pipe.sizes
+    assert len(frames) == 9 and all(n > 25 * KIB for n in frames), frames  # each frame whole, none lost
