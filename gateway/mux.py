@@ -476,7 +476,7 @@ class MuxClient:
         `DeadlineExceeded`, or `ResourceExhausted` (nothing sent: over what the host takes in one message).
         """
         try:
-            return await self._trusted(host, bulk=bulk and host in self._targets).call(request, timeout)
+            return await self._trusted(host, bulk=bulk).call(request, timeout)
         except MuxUnsupported:
             self._unsupported[host] = self._clock.monotonic() + self._fallback
             log.warning("the gateway of %s does not serve Relay/Mux: relaying by Relay/Unary", host)
