@@ -163,6 +163,8 @@ class Gateway:
 
     #: calls in flight in this process, every listener
     _calls_now = 0
+    #: of them, unary calls: each brings a record within moments (a stream may stay open for hours)
+    _unary_now = 0
 
     def __init__(
         self,
@@ -429,6 +431,8 @@ class Gateway:
     async def start(self) -> None:
         """Open the audit log (refusing a divergent one), bind the listeners, start serving."""
         limits = self.config.limits
+        # A busy gateway holds group commits open for more records ([audit] commit_delay_seconds).
+        self.audit_log.busy = lambda: self._unary_now
         report = self.audit_log.open()
         for message in report.messages:
             log.warning("audit log: %s", message)
@@ -848,7 +852,7 @@ class Gateway:
 
     async def local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
         """A unary call from an application of this force."""
-        with self._in_flight(Listener.LOCAL):
+        with self._in_flight(Listener.LOCAL, unary=True):
             return await self._local_unary(method, request, context)
 
     async def _local_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
@@ -892,14 +896,16 @@ class Gateway:
         await self.finish(call, reply, context, "stream-close")
 
     @contextlib.contextmanager
-    def _in_flight(self, listener: Listener) -> Iterator[None]:
+    def _in_flight(self, listener: Listener, *, unary: bool = False) -> Iterator[None]:
         series = self._flight_series[listener]
         series.inc()
         self._calls_now += 1
+        self._unary_now += unary
         try:
             yield
         finally:
             self._calls_now -= 1
+            self._unary_now -= unary
             series.dec()
 
     # -- forwarding ---------------------------------------------------------------------
@@ -978,7 +984,7 @@ class Gateway:
 
     async def peer_unary(self, request: bytes, context: PeerContext) -> relay_pb2.UnaryRelayResponse:
         """A unary call relayed by another force's gateway (raw bytes: the envelope stage parses them)."""
-        with self._in_flight(Listener.PEER):
+        with self._in_flight(Listener.PEER, unary=True):
             return await self._peer_unary(request, context)
 
     async def _peer_unary(self, request: bytes, context: PeerContext) -> relay_pb2.UnaryRelayResponse:
@@ -1092,7 +1098,7 @@ class Gateway:
         async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
             call = self._mux_call(certificate, method)
             call.relay_request = request.request
-            with self._in_flight(Listener.PEER):
+            with self._in_flight(Listener.PEER, unary=True):
                 outcome = await self._relayed_unary(call)
             if isinstance(outcome, _Refused):
                 return outcome.answer(request.id)

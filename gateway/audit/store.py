@@ -182,7 +182,10 @@ class AuditConfig:
 
     ``db`` is the SQLite file. Checkpoints are signed every ``checkpoint_interval`` seconds or
     ``checkpoint_every`` records, whichever comes first. ``max_batch`` bounds one group commit,
-    ``max_queue`` the records waiting for one; ``lock_timeout`` is how long a writer waits for
+    ``max_queue`` the records waiting for one. While at least ``commit_siblings`` calls are in
+    flight in the process, the writer holds a group commit open for up to ``commit_delay`` seconds
+    so that more records share its fsync (`AuditLog.busy`; PostgreSQL's commit_delay and
+    commit_siblings). ``lock_timeout`` is how long a writer waits for
     SQLite's write lock before the log counts as unwritable. ``witness_quorum`` cosignatures make a
     checkpoint witnessed; ``witness_timeout`` bounds one witness's answer. ``retry_initial`` and
     ``retry_max`` bound the back-off while recovering.
@@ -193,6 +196,8 @@ class AuditConfig:
     checkpoint_every: int = 1000
     max_batch: int = 1000
     max_queue: int = 20_000
+    commit_delay: float = 0.005
+    commit_siblings: int = 8
     lock_timeout: float = 2.0
     witness_quorum: int = 1
     witness_timeout: float = 5.0
@@ -206,6 +211,8 @@ class AuditConfig:
             "checkpoint_every": (1, 10_000_000),
             "max_batch": (1, 100_000),
             "max_queue": (1, 10_000_000),
+            "commit_delay": (0.0, 1.0),
+            "commit_siblings": (2, 100_000),
             "lock_timeout": (0.0, 600.0),
             "witness_quorum": (0, 64),
             "witness_timeout": (0.01, 600.0),
@@ -233,6 +240,10 @@ class AuditConfig:
             ),
             max_batch=section.integer("max_batch", d["max_batch"].default, minimum=1, maximum=100_000),
             max_queue=section.integer("max_queue", d["max_queue"].default, minimum=1, maximum=10_000_000),
+            commit_delay=section.number("commit_delay_seconds", d["commit_delay"].default, minimum=0, maximum=1),
+            commit_siblings=section.integer(
+                "commit_siblings", d["commit_siblings"].default, minimum=2, maximum=100_000
+            ),
             lock_timeout=section.number("lock_timeout_seconds", d["lock_timeout"].default, minimum=0, maximum=600),
             witness_quorum=section.integer("witness_quorum", d["witness_quorum"].default, minimum=0, maximum=64),
             witness_timeout=section.number(
@@ -643,7 +654,12 @@ class AuditLog:
         self._collect_stop = False
         #: told (seconds, records) after each group commit, from the writer thread (metrics)
         self.on_commit: Callable[[float, int], None] | None = None
-        #: test seams: run on every new connection, and at named points of a write ("commit", "probe")
+        #: how many calls are in flight in this process (the gateway's count), read by the writer
+        #: thread to decide whether to hold a group commit open for more records (`_gather`)
+        self.busy: Callable[[], int] | None = None
+        self._gathering = 0  # while the writer gathers: the queue length that ends the wait early
+        #: test seams: run on every new connection, and at named points of a write ("commit", "probe",
+        #: "gather": the writer is about to wait for more records)
         self._on_connect: Callable[[sqlite3.Connection], None] | None = None
         self._faults: Callable[[str], None] | None = None
 
@@ -984,9 +1000,10 @@ class AuditLog:
             if queued >= self.config.max_queue:
                 raise AuditUnavailable(f"the audit queue is full ({queued} records waiting)")
             self._queue.append(item)
-            # Only the writer waits on this condition, and only while the queue is empty: a record
-            # joining a non-empty queue finds it already woken (or busy, and bound to look again).
-            if not queued:
+            # Only the writer waits on this condition: while the queue is empty, or while it gathers
+            # records for a commit. A record joining a non-empty queue otherwise finds it already
+            # woken (or busy, and bound to look again).
+            if not queued or (self._gathering and queued + 1 >= self._gathering):
                 self._cond.notify()
 
     # -- state -----------------------------------------------------------------------------------
@@ -1072,6 +1089,7 @@ class AuditLog:
             with self._cond:
                 if self._healthy and not self._has_work():
                     self._cond.wait(_IDLE_WAIT if self._checkpointer else None)
+                self._gather()
                 healthy = self._healthy
                 take = min(len(self._queue), self.config.max_batch) if healthy else 0
                 batch = [self._queue.popleft() for _ in range(take)]
@@ -1081,6 +1099,33 @@ class AuditLog:
             with self._conn_lock:
                 if not self._writer_turn(batch, jobs, healthy=healthy, stopping=stopping):
                     break
+
+    def _gather(self) -> None:
+        """Hold a group commit open while more records are on their way (the writer, holding `_cond`).
+
+        With at least ``commit_siblings`` calls in flight in this process, the records queued now
+        are the first of many: waiting up to ``commit_delay`` lets one fsync serve them all, and a
+        busy gateway spends its CPU on fewer commits. The wait ends early once every call in flight
+        has its record queued (or ``max_batch`` of them), and at once for anything else the writer
+        must do. A quiet gateway never waits: its calls are fewer than ``commit_siblings``.
+        """
+        busy, delay = self.busy, self.config.commit_delay
+        if busy is None or delay <= 0 or not self._queue:
+            return
+        deadline = time.monotonic() + delay
+        try:
+            while self._healthy and self._state == "open" and not self._jobs:
+                flying = busy()
+                target = min(flying, self.config.max_batch)
+                remaining = deadline - time.monotonic()
+                if flying < self.config.commit_siblings or len(self._queue) >= target or remaining <= 0:
+                    return
+                self._gathering = target
+                if self._faults is not None:
+                    self._faults("gather")
+                self._cond.wait(remaining)
+        finally:
+            self._gathering = 0
 
     def _writer_turn(self, batch: list[_Pending], jobs: list[_Job], *, healthy: bool, stopping: bool) -> bool:
         """One turn of the writer, holding the connection; False once it should stop."""

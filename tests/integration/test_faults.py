@@ -15,10 +15,12 @@ log's write lock, and reload files every 0.25 s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -142,16 +144,18 @@ def test_a_backend_that_is_down_fails_fast_and_both_logs_say_why(fnet: NetworkTh
     back_to_service(fnet, TV)
 
 
-def _slow_case_files(fnet: NetworkThread) -> Iterator[None]:
+@contextlib.contextmanager
+def _slow_app(fnet: NetworkThread, force: str, name: str) -> Iterator[None]:
+    """`force`'s application `name` replaced by a stand-in that never answers."""
     layout = fnet.layout
-    app = layout.material[SURREY].app_servers["case-files"]
-    fnet.run(fnet.network.apps["case-files"].stop(0))
+    app = layout.material[force].app_servers[name]
+    fnet.run(fnet.network.apps[name].stop(0))
     slow = fnet.run(
         start_stand_in(
-            f"127.0.0.1:{layout.ports[SURREY].apps['case-files']}",
+            f"127.0.0.1:{layout.ports[force].apps[name]}",
             cert=app.cert_path,
             key=app.key_path,
-            client_ca=layout.material[SURREY].ca.read_bytes(),
+            client_ca=layout.material[force].ca.read_bytes(),
             unary=sleep_forever,
             stream=sleep_forever,
         )
@@ -160,13 +164,14 @@ def _slow_case_files(fnet: NetworkThread) -> Iterator[None]:
         yield
     finally:
         fnet.run(slow.stop(0))
-        _restart_app(fnet, SURREY, "case-files")
+        _restart_app(fnet, force, name)
 
 
 @pytest.fixture
 def slow_backend(fnet: NetworkThread) -> Iterator[None]:
     """Surrey's case-files backend replaced by one that never answers."""
-    yield from _slow_case_files(fnet)
+    with _slow_app(fnet, SURREY, "case-files"):
+        yield
     back_to_service(fnet, SURREY)
 
 
@@ -193,6 +198,36 @@ def test_a_slow_backend_ends_at_the_gateways_deadline_and_is_recorded(fnet: Netw
     origin = records(fnet, HANTS, officer=officer)
     assert [r.status for r in origin] == ["", "DEADLINE_EXCEEDED"] and origin[0].event == "stream-open", origin
     assert origin[1].response_messages == 0
+
+
+def test_each_audit_writer_is_told_the_unary_calls_in_flight_not_the_streams(fnet: NetworkThread) -> None:
+    """What `[audit] commit_siblings` counts: a unary call brings its record within moments, so a busy
+    gateway holds a group commit open for it; a stream held open brings none until it ends, and must
+    not make a quiet gateway's commits wait."""
+    gateways = fnet.network.gateways
+
+    def unary_in_flight(force: str) -> int:
+        told = gateways[force].audit_log.busy
+        assert told is not None, f"{force}'s audit writer is not told the calls in flight"
+        return told()
+
+    assert [unary_in_flight(f) for f in FORCES] == [0, 0, 0]
+    with (
+        _slow_app(fnet, SURREY, "case-files"),
+        _slow_app(fnet, HANTS, "custody-records"),
+        ThreadPoolExecutor(2) as pool,
+        fnet.officer_channel(TV) as ch,
+    ):
+        stream = pool.submit(case_files, ch, timeout=MAX_DEADLINE)  # relayed to Surrey, held by its backend
+        wait_for(lambda: gateways[SURREY]._calls_now == 1, "the stream at Surrey's gateway", timeout=10)
+        assert unary_in_flight(TV) == unary_in_flight(SURREY) == 0
+        unary = pool.submit(custody, ch, timeout=MAX_DEADLINE)  # relayed to Hampshire, held by its backend
+        wait_for(lambda: unary_in_flight(HANTS) == unary_in_flight(TV) == 1, "the unary call at both", timeout=10)
+        assert unary_in_flight(SURREY) == 0
+        assert stream.result(10)[0] == unary.result(10)[0] == "DEADLINE_EXCEEDED"
+    wait_for(lambda: [unary_in_flight(f) for f in FORCES] == [0, 0, 0], "no calls in flight", timeout=10)
+    back_to_service(fnet, SURREY)
+    back_to_service(fnet, HANTS)
 
 
 def test_a_stream_refused_after_it_opened_is_recorded_as_closed(fnet: NetworkThread, slow_backend: None) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -512,6 +513,81 @@ def test_read_only_database_fails_closed_and_recovers(db: Path) -> None:
     _fail_and_recover(db, log, break_it, mend_it, "readonly")
 
 
+# -- a busy process holds a group commit open ---------------------------------------------------
+
+
+def _gathers(log: AuditLog) -> threading.Event:
+    """Set when the writer starts to wait for more records before a commit (the "gather" seam)."""
+    started = threading.Event()
+
+    def seam(point: str) -> None:
+        if point == "gather":
+            started.set()
+
+    log._faults = seam
+    return started
+
+
+def test_a_busy_process_holds_a_commit_open_until_every_call_in_flight_has_its_record_queued(db: Path) -> None:
+    async def run() -> tuple[dict[str, Any], float]:
+        log = new_log(db, commit_delay=1.0, commit_siblings=2, checkpoint_every=1000)
+        log.busy = lambda: 10  # ten calls in flight: ten records on their way
+        log.open()
+        gathering = _gathers(log)
+        first = asyncio.ensure_future(log.append(make_record(0)))
+        assert await asyncio.to_thread(gathering.wait, 10)  # the writer holds the commit open ...
+        assert not first.done()  # ... and the first record is not acknowledged before its commit
+        rest = [asyncio.ensure_future(log.append(make_record(i))) for i in range(1, 10)]
+        started = time.monotonic()
+        await asyncio.gather(first, *rest)
+        waited = time.monotonic() - started
+        status = log.status()
+        await log.close()
+        return status, waited
+
+    status, waited = asyncio.run(run())
+    assert (status["records_committed"], status["commits"], status["last_batch_size"]) == (10, 1, 10)
+    # The tenth record ended the wait, not the one-second delay (a bound, not a timing figure).
+    assert waited < 0.5
+    _verify(db)
+
+
+def test_a_quiet_process_never_holds_a_commit_open(db: Path) -> None:
+    async def run() -> list[int]:
+        log = new_log(db, commit_delay=1.0, commit_siblings=8, checkpoint_every=1000)
+        log.busy = lambda: 7  # fewer calls in flight than commit_siblings
+        log.open()
+        gathering = _gathers(log)
+        batches = []
+        for i in range(3):
+            await log.append(make_record(i))
+            batches.append(log.status()["last_batch_size"])
+        await log.close()
+        assert not gathering.is_set()
+        return batches
+
+    assert asyncio.run(run()) == [1, 1, 1]
+
+
+def test_closing_ends_a_held_commit_and_commits_what_was_queued(db: Path) -> None:
+    async def run() -> tuple[int, float]:
+        log = new_log(db, commit_delay=1.0, commit_siblings=2, checkpoint_every=1000)
+        log.busy = lambda: 64
+        log.open()
+        gathering = _gathers(log)
+        pending = asyncio.ensure_future(log.append(make_record(0)))
+        assert await asyncio.to_thread(gathering.wait, 10)
+        started = time.monotonic()
+        await log.close()
+        took = time.monotonic() - started
+        return (await pending).index, took
+
+    index, took = asyncio.run(run())
+    assert index == 0 and took < 0.5  # closing did not sit out the delay
+    assert rows(db, "SELECT count(*) FROM records")[0][0] == 1
+    _verify(db)
+
+
 def _once(point: str, message: str) -> Any:
     fired = []
 
@@ -767,12 +843,14 @@ def test_status_reports_what_the_health_endpoint_needs(db: Path) -> None:
 
 def test_config_from_section(tmp_path: Path) -> None:
     file = TomlFile.parse(
-        b'[audit]\ndb = "logs/audit.db"\ncheckpoint_interval_seconds = 5\ncheckpoint_every = 500\nwitness_quorum = 2\n',
+        b'[audit]\ndb = "logs/audit.db"\ncheckpoint_interval_seconds = 5\ncheckpoint_every = 500\nwitness_quorum = 2\n'
+        b"commit_delay_seconds = 0.002\ncommit_siblings = 16\n",
         tmp_path / "gw.toml",
     )
     cfg = AuditConfig.from_section(file.root().table("audit"))
     assert cfg.db == tmp_path / "logs" / "audit.db"
     assert (cfg.checkpoint_interval, cfg.checkpoint_every, cfg.witness_quorum) == (5.0, 500, 2)
+    assert (cfg.commit_delay, cfg.commit_siblings) == (0.002, 16)
     assert cfg.max_batch == AuditConfig.__dataclass_fields__["max_batch"].default
 
 
@@ -780,6 +858,8 @@ def test_config_from_section(tmp_path: Path) -> None:
     ("text", "error"),
     [
         ('db = "a.db"\ncheckpoint_every = 0\n', r"gw.toml:3: audit.checkpoint_every: must be at least 1"),
+        ('db = "a.db"\ncommit_delay_seconds = 5\n', r"gw.toml:3: audit.commit_delay_seconds: must be at most 1"),
+        ('db = "a.db"\ncommit_siblings = 1\n', r"gw.toml:3: audit.commit_siblings: must be at least 2"),
         ('db = "a.db"\nmax_queue = "big"\n', r"audit.max_queue: expected an integer"),
         ('db = "a.db"\ncheckpoint_evry = 10\n', r"audit.checkpoint_evry: unknown key"),
         ("checkpoint_every = 10\n", r"audit.db: required key is missing"),
