@@ -97,6 +97,7 @@ __all__ = [
     "evaluate_targets",
     "nginx_config",
     "options_from_args",
+    "parse_audit_commits",
     "parse_stage_durations",
     "percentiles",
     "register_cli",
@@ -180,7 +181,17 @@ ROW_FIELDS = (
 )
 
 #: Fields of every hop (a gateway or a proxy) of a row.
-HOP_FIELDS = ("name", "kind", "stages", "stages_source", "cpu_s_per_call", "peak_rss_mb", "rss_mb", "stage_ms")
+HOP_FIELDS = (
+    "name",
+    "kind",
+    "stages",
+    "stages_source",
+    "cpu_s_per_call",
+    "peak_rss_mb",
+    "rss_mb",
+    "stage_ms",
+    "records_per_commit",
+)
 
 #: Above this share of the cores used by other processes, the report warns that figures are skewed.
 _OTHER_LOAD_WARNING = 0.05
@@ -244,14 +255,41 @@ def parse_stage_durations(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {stage: (v[0], v[1]) for stage, v in out.items()}
 
 
-def _stage_ms(before: Mapping[str, tuple[float, float]], after: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+def parse_audit_commits(metrics_text: str) -> tuple[float, float]:
+    """(records, commits) so far, from the gateway's ``psngw_audit_records_total`` and commit histogram."""
+    records = commits = 0.0
+    for line in metrics_text.splitlines():
+        with contextlib.suppress(ValueError, IndexError):
+            if line.startswith("psngw_audit_records_total "):
+                records = float(line.split()[1])
+            elif line.startswith("psngw_audit_commit_seconds_count "):
+                commits = float(line.split()[1])
+    return records, commits
+
+
+@dataclass(frozen=True)
+class _Scrape:
+    """What the bench reads from a gateway's /metrics at each end of a window."""
+
+    stages: dict[str, tuple[float, float]]
+    records: float
+    commits: float
+
+
+def _stage_ms(before: _Scrape, after: _Scrape) -> dict[str, float]:
     """Mean wall-clock milliseconds per pass through each stage between two scrapes."""
     out = {}
-    for stage, (total, count) in after.items():
-        total0, count0 = before.get(stage, (0.0, 0.0))
+    for stage, (total, count) in after.stages.items():
+        total0, count0 = before.stages.get(stage, (0.0, 0.0))
         if count > count0:
             out[stage] = round((total - total0) / (count - count0) * 1e3, 4)
     return out
+
+
+def _records_per_commit(before: _Scrape, after: _Scrape) -> float | None:
+    """Audit records per commit (per fsync) between two scrapes; None if nothing was committed."""
+    commits = after.commits - before.commits
+    return round((after.records - before.records) / commits, 2) if commits > 0 else None
 
 
 def _all_on(hop_stages: Sequence[Sequence[str]]) -> bool:
@@ -359,6 +397,8 @@ def render_report(report: Mapping[str, Any]) -> str:
                 for hop in row["hops"]:
                     if hop["stage_ms"]:
                         parts = ", ".join(f"{k} {v:.3f}" for k, v in hop["stage_ms"].items())
+                        if hop["records_per_commit"] is not None:
+                            parts += f"; audit records per commit {hop['records_per_commit']:.2f}"
                         lines.append(f"{'':<10} {hop['name']} stage wall ms: {parts}")
                 if row["errors"]:
                     lines.append(f"{'':<10} errors: {row['errors']}")
@@ -1318,12 +1358,15 @@ class _Hop:
     stages_source: str = "config"
     admin_port: int | None = None
 
-    def stage_durations(self) -> dict[str, tuple[float, float]] | None:
-        """The gateway's per-stage duration sums now (from /metrics), or None without an admin listener."""
+    def scrape(self) -> _Scrape | None:
+        """The gateway's stage durations and audit commits now (from /metrics); None without an admin listener."""
         if self.admin_port is None:
             return None
         body = _http_get(self.admin_port, "/metrics")
-        return None if body is None else parse_stage_durations(body.decode(errors="replace"))
+        if body is None:
+            return None
+        text = body.decode(errors="replace")
+        return _Scrape(parse_stage_durations(text), *parse_audit_commits(text))
 
     def read_health_stages(self) -> None:
         """Take the stages from the gateway's /healthz when it lists them (else keep the config's)."""
@@ -1828,7 +1871,7 @@ class _Bench:
         groups = self._groups(route)
         self.loadgen.event("measuring", opts.warmup + 60)
         before = {name: _group_sample(pgid) for name, pgid in groups.items()}
-        stages_before = {h: self.hops[h].stage_durations() for h in route.hops}
+        scrapes_before = {h: self.hops[h].scrape() for h in route.hops}
         busy0, total0 = _machine_cpu()
         ours0 = self.procs.cpu_seconds()
         if on_measuring is not None:
@@ -1836,7 +1879,7 @@ class _Bench:
         window = 7 * 86400.0 if calls else opts.duration + opts.call_timeout + 30
         self.loadgen.event("stopped", window, on_progress)
         after = {name: _group_sample(pgid) for name, pgid in groups.items()}
-        stages_after = {h: self.hops[h].stage_durations() for h in route.hops}
+        scrapes_after = {h: self.hops[h].scrape() for h in route.hops}
         busy1, total1 = _machine_cpu()
         ours1 = self.procs.cpu_seconds()
         result = self.loadgen.event("result", opts.call_timeout + 60)
@@ -1849,6 +1892,7 @@ class _Bench:
         hops: list[dict[str, Any]] = []
         for h in route.hops:
             hop = self.hops[h]
+            b, a = scrapes_before[h], scrapes_after[h]
             stages = hop.stages
             if len(route.hops) == 1:  # no relay on this route: envelopes are not signed
                 stages = [st for st in stages if st not in _RELAY_STAGES]
@@ -1861,9 +1905,8 @@ class _Bench:
                     "cpu_s_per_call": per_call(f"hop:{h}"),
                     "peak_rss_mb": round(after[f"hop:{h}"].hwm_mb, 2),
                     "rss_mb": round(after[f"hop:{h}"].rss_mb, 2),
-                    "stage_ms": _stage_ms(b, a)
-                    if (b := stages_before[h]) is not None and (a := stages_after[h]) is not None
-                    else None,
+                    "stage_ms": _stage_ms(b, a) if b is not None and a is not None else None,
+                    "records_per_commit": _records_per_commit(b, a) if b is not None and a is not None else None,
                 }
             )
         seconds = result["seconds"]

@@ -70,7 +70,17 @@ ROW_FIELDS = {
     "machine_cpu_busy",
     "other_cpu_busy",
 }
-HOP_FIELDS = {"name", "kind", "stages", "stages_source", "cpu_s_per_call", "peak_rss_mb", "rss_mb", "stage_ms"}
+HOP_FIELDS = {
+    "name",
+    "kind",
+    "stages",
+    "stages_source",
+    "cpu_s_per_call",
+    "peak_rss_mb",
+    "rss_mb",
+    "stage_ms",
+    "records_per_commit",
+}
 MEMORY_FIELDS = {"status", "route", "note", "calls", "concurrency", "errors", "calls_per_s", "samples", "gateways"}
 MEMORY_GATEWAY_FIELDS = {
     "rss_max_mb",
@@ -168,6 +178,7 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
         if one["status"] == "ok":
             assert [h["name"] for h in one["hops"]] == ["gateway thames-valley"]
             assert one["hops"][0]["cpu_s_per_call"] is not None
+            assert one["hops"][0]["records_per_commit"] >= 1.0  # from the gateway's /metrics: every call recorded
             assert one["ratio_to_direct"] is not None
         else:
             assert one["note"]  # a refused probe says why
