@@ -131,6 +131,9 @@ class LimitsConfig:
     peer_channels: int = 2
     #: unary relay calls go over long-lived `Relay/Mux` streams (one per peer channel), not an RPC each
     relay_channels: bool = True
+    #: while `relay_batch_siblings` calls wait on a relay channel, hold new requests this long for company
+    relay_batch_delay: float = 0.003
+    relay_batch_siblings: int = 8
     backend_connect_timeout: float = 2.0
     shutdown_grace: float = 10.0
     max_concurrent_calls: int = 1000
@@ -154,6 +157,8 @@ class LimitsConfig:
             ),
             peer_channels=sec.integer("peer_channels", d.peer_channels, minimum=1, maximum=64),
             relay_channels=sec.flag("relay_channels", d.relay_channels),
+            relay_batch_delay=sec.number("relay_batch_delay_seconds", d.relay_batch_delay, minimum=0, maximum=1),
+            relay_batch_siblings=sec.integer("relay_batch_siblings", d.relay_batch_siblings, minimum=2, maximum=100000),
             backend_connect_timeout=sec.number(
                 "backend_connect_timeout_seconds", d.backend_connect_timeout, minimum=0.05, maximum=60
             ),

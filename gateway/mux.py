@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -57,7 +58,7 @@ from gateway.muxstream import ITEM_BYTES, HostStream, LinkStreamCall, StreamAbor
 from gateway.relaylink import LinkTarget, TlsLink
 from gateway.tls import ChannelPool
 
-__all__ = ["MUX_METHOD", "MuxClient", "MuxHost", "MuxUnsupported"]
+__all__ = ["MUX_METHOD", "BatchHold", "MuxClient", "MuxHost", "MuxUnsupported"]
 
 log = logging.getLogger("psngw.mux")
 
@@ -74,6 +75,20 @@ _CANCEL_BYTES = 11
 
 #: The slot of the link that carries a host's large unary requests (the others are numbered from 0).
 _BULK = -1
+
+
+@dataclass(frozen=True)
+class BatchHold:
+    """How an origin packs unary calls on a busy relay channel (``[limits] relay_batch_*``).
+
+    While at least `siblings` calls wait for answers on a channel, a new request is not sent straight
+    out: the channel's writer holds it up to `delay` seconds for company, or until `siblings`
+    requests are queued, and sends them as one message.
+    """
+
+    delay: float
+    siblings: int
+
 
 #: The smallest message limit a channel's other side may state (a gateway's own is far above it).
 _MIN_FRAME = 1024
@@ -167,8 +182,17 @@ class GrpcPipe:
 class _ClientStream:
     """One open relay channel to one host, and the calls waiting on it."""
 
-    def __init__(self, pipe: MuxPipe, host: str, on_closed: Callable[[_ClientStream], None], *, max_frame: int) -> None:
+    def __init__(
+        self,
+        pipe: MuxPipe,
+        host: str,
+        on_closed: Callable[[_ClientStream], None],
+        *,
+        max_frame: int,
+        hold: BatchHold | None = None,
+    ) -> None:
         self.host = host
+        self._hold = hold
         self._on_closed = on_closed
         self.pipe = pipe
         self._max_frame = max_frame
@@ -182,6 +206,8 @@ class _ClientStream:
         self._calls: dict[int, LinkStreamCall] = {}
         self._stream_out: list[relay_pb2.MuxStream] = []
         self._wake = asyncio.Event()
+        #: set when a held batch should go now: it is full, or stream frames or cancellations wait
+        self._full = asyncio.Event()
         self._retiring = False
         self.closed: BaseException | None = None
         self._tasks = (
@@ -214,10 +240,18 @@ class _ClientStream:
         future: asyncio.Future[relay_pb2.MuxResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         # Straight out when nothing waits before it and the pipe can take it now (a relay link whose
-        # buffer has room): one loop turn less for the call (about 0.1 ms unloaded); else by the writer.
-        if self._outbox or self.peer_max is None or not self.pipe.send_now(relay_pb2.MuxBatch(requests=[item])):
+        # buffer has room): one loop turn less for the call (about 0.1 ms unloaded); else by the writer,
+        # which holds the batch open for company while the channel is busy (`BatchHold`).
+        if (
+            self._outbox
+            or self.peer_max is None
+            or self._holding()
+            or not self.pipe.send_now(relay_pb2.MuxBatch(requests=[item]))
+        ):
             self._outbox.append(item)
             self._wake.set()
+            if self._hold is not None and len(self._outbox) >= self._hold.siblings:
+                self._full.set()
         try:
             if timeout is None:
                 return await future
@@ -246,9 +280,14 @@ class _ClientStream:
         self._calls[stream_id] = call
         return call
 
+    def _holding(self) -> bool:
+        """Whether requests wait for company: enough calls are waiting on this channel that more will come."""
+        return self._hold is not None and len(self._pending) >= self._hold.siblings
+
     def _send_stream(self, item: relay_pb2.MuxStream) -> None:
         self._stream_out.append(item)
         self._wake.set()
+        self._full.set()
 
     async def _peer_limit(self) -> int | None:
         """What the host takes in one message, once it has said (None: the channel closed first)."""
@@ -267,6 +306,7 @@ class _ClientStream:
         future.cancel()
         self._cancels.append(call_id)
         self._wake.set()
+        self._full.set()
         self._close_if_retired()
 
     def retire(self) -> None:
@@ -283,6 +323,8 @@ class _ClientStream:
             await self.pipe.write(relay_pb2.MuxBatch(max_frame=self._max_frame))
             while True:
                 await self._wake.wait()
+                if self.peer_max is not None:
+                    await self._gather()
                 self._wake.clear()
                 if self.peer_max is None:
                     continue  # calls wait for the host's first message
@@ -309,6 +351,23 @@ class _ClientStream:
             raise
         except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
             self._close(await self.pipe.failure(exc))
+
+    async def _gather(self) -> None:
+        """Hold a batch of requests open for company while the channel is busy (`BatchHold`).
+
+        Only requests wait: stream frames and cancellations, queued or arriving, end the wait, and so
+        does a full batch. Each message then carries several calls, and the host reads, wakes for and
+        answers them together: fewer messages, TLS records and wake-ups at both ends.
+        """
+        hold = self._hold
+        if hold is None or not self._outbox or self._stream_out or self._cancels or not self._holding():
+            return
+        if len(self._outbox) >= hold.siblings:
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(hold.delay):
+                await self._full.wait()
 
     async def _read_loop(self) -> None:
         try:
@@ -403,8 +462,17 @@ class MuxClient:
     uses `Relay/Unary`.
     """
 
-    def __init__(self, peers: ChannelPool, *, clock: Clock, links: int = 1, fallback_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        peers: ChannelPool,
+        *,
+        clock: Clock,
+        links: int = 1,
+        fallback_seconds: float = 60.0,
+        hold: BatchHold | None = None,
+    ) -> None:
         self._peers = peers
+        self._hold = hold
         self._clock = clock
         self._fallback = fallback_seconds
         self._links = links
@@ -463,7 +531,7 @@ class MuxClient:
             else:
                 pipe = GrpcPipe(channel)
                 limit = self._peers.max_message_bytes
-            stream = self._streams[key] = _ClientStream(pipe, host, self._forget, max_frame=limit)
+            stream = self._streams[key] = _ClientStream(pipe, host, self._forget, max_frame=limit, hold=self._hold)
         return stream
 
     async def call(

@@ -41,7 +41,7 @@ from gateway.audit.setup import build_transparency
 from gateway.audit.witness_grpc import ADD_CHECKPOINT, witness_reply
 from gateway.breaker import BreakerState
 from gateway.clock import Clock, SystemClock
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, LimitsConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
 from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound, Unauthenticated, Unavailable
@@ -49,7 +49,7 @@ from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstre
 from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
 from gateway.metrics import GatewayMetrics, Registry
-from gateway.mux import MUX_METHOD, MuxClient, MuxHost
+from gateway.mux import MUX_METHOD, BatchHold, MuxClient, MuxHost
 from gateway.muxstream import HostStream
 from gateway.pipeline import (
     Call,
@@ -122,6 +122,11 @@ class _Ports:
     peer: int
     admin: int | None
     relay: int | None = None
+
+
+def _batch_hold(limits: LimitsConfig) -> BatchHold | None:
+    """How relay channels pack calls when busy (`[limits] relay_batch_*`); None when the delay is 0."""
+    return BatchHold(limits.relay_batch_delay, limits.relay_batch_siblings) if limits.relay_batch_delay > 0 else None
 
 
 def _peer_certificate(context: Context) -> bytes | None:
@@ -222,7 +227,9 @@ class Gateway:
             clock=self.clock,
             breaker_failures=limits.peer_failures,
             breaker_cooldown=limits.peer_cooldown,
-            mux=MuxClient(self.peers, clock=self.clock, links=limits.peer_channels) if limits.relay_channels else None,
+            mux=MuxClient(self.peers, clock=self.clock, links=limits.peer_channels, hold=_batch_hold(limits))
+            if limits.relay_channels
+            else None,
         )
         self._link_contexts: dict[tuple[str, str, bytes], ssl.SSLContext] = {}
         self._relay_listener: RelayLinkListener | None = None

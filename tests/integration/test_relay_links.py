@@ -44,6 +44,7 @@ from gateway._proto.psn.demo.custody.v1 import custody_pb2, custody_pb2_grpc
 from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.errors import GatewayError, Unavailable
+from gateway.mux import BatchHold
 from gateway.muxstream import _SLACK, WINDOW
 from gateway.relaylink import FRAME_OVERHEAD, LinkConnection, RelayLinkListener, TlsLink, server_context
 from gateway.server import LINK_METHOD, Gateway
@@ -132,6 +133,9 @@ def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_bot
     assert 1 <= mux.streams(TV) <= origin_gateway.config.limits.peer_channels
     pipes = [s.pipe for (host, _), s in mux._streams.items() if host == TV and s.closed is None]
     assert pipes and all(isinstance(p, TlsLink) for p in pipes), pipes
+    # Busy links pack calls ([limits] relay_batch_*); each call above is still its own envelope and record.
+    holds = {s._hold for (host, _), s in mux._streams.items() if host == TV}
+    assert holds == {BatchHold(delay=0.003, siblings=8)}, holds
     # The host served them on its relay listener.
     listener = _gateway(lnet, TV)._relay_listener
     assert listener is not None and len(listener._links) >= mux.streams(TV)
