@@ -182,13 +182,13 @@ class AuditConfig:
 
     ``db`` is the SQLite file. Checkpoints are signed every ``checkpoint_interval`` seconds or
     ``checkpoint_every`` records, whichever comes first. ``max_batch`` bounds one group commit,
-    ``max_queue`` the records waiting for one. While at least ``commit_siblings`` calls are in
-    flight in the process, the writer holds a group commit open for up to ``commit_delay`` seconds
-    so that more records share its fsync (`AuditLog.busy`; PostgreSQL's commit_delay and
-    commit_siblings). ``lock_timeout`` is how long a writer waits for
-    SQLite's write lock before the log counts as unwritable. ``witness_quorum`` cosignatures make a
-    checkpoint witnessed; ``witness_timeout`` bounds one witness's answer. ``retry_initial`` and
-    ``retry_max`` bound the back-off while recovering.
+    ``max_queue`` the records waiting for one. While at least ``commit_siblings`` calls that will
+    soon bring a record are in flight in the process (`AuditLog.busy`: the gateway counts its unary
+    calls), the writer holds a group commit open for up to ``commit_delay`` seconds so that more
+    records share its fsync (PostgreSQL's commit_delay and commit_siblings). ``lock_timeout`` is
+    how long a writer waits for SQLite's write lock before the log counts as unwritable.
+    ``witness_quorum`` cosignatures make a checkpoint witnessed; ``witness_timeout`` bounds one
+    witness's answer. ``retry_initial`` and ``retry_max`` bound the back-off while recovering.
     """
 
     db: Path
@@ -654,8 +654,9 @@ class AuditLog:
         self._collect_stop = False
         #: told (seconds, records) after each group commit, from the writer thread (metrics)
         self.on_commit: Callable[[float, int], None] | None = None
-        #: how many calls are in flight in this process (the gateway's count), read by the writer
-        #: thread to decide whether to hold a group commit open for more records (`_gather`)
+        #: how many calls in flight in this process will soon bring a record (the gateway's count of
+        #: its unary calls), read by the writer thread to decide whether to hold a group commit open
+        #: for more records (`_gather`)
         self.busy: Callable[[], int] | None = None
         self._gathering = 0  # while the writer gathers: the queue length that ends the wait early
         #: test seams: run on every new connection, and at named points of a write ("commit", "probe",
@@ -1103,7 +1104,7 @@ class AuditLog:
     def _gather(self) -> None:
         """Hold a group commit open while more records are on their way (the writer, holding `_cond`).
 
-        With at least ``commit_siblings`` calls in flight in this process, the records queued now
+        With at least ``commit_siblings`` such calls in flight (`busy`), the records queued now
         are the first of many: waiting up to ``commit_delay`` lets one fsync serve them all, and a
         busy gateway spends its CPU on fewer commits. The wait ends early once every call in flight
         has its record queued (or ``max_batch`` of them), and at once for anything else the writer
