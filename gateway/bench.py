@@ -97,7 +97,7 @@ __all__ = [
     "evaluate_targets",
     "nginx_config",
     "options_from_args",
-    "parse_audit_commits",
+    "parse_counters",
     "parse_stage_durations",
     "percentiles",
     "register_cli",
@@ -191,6 +191,7 @@ HOP_FIELDS = (
     "rss_mb",
     "stage_ms",
     "records_per_commit",
+    "calls_per_relay_message",
 )
 
 #: Above this share of the cores used by other processes, the report warns that figures are skewed.
@@ -255,16 +256,24 @@ def parse_stage_durations(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {stage: (v[0], v[1]) for stage, v in out.items()}
 
 
-def parse_audit_commits(metrics_text: str) -> tuple[float, float]:
-    """(records, commits) so far, from the gateway's ``psngw_audit_records_total`` and commit histogram."""
-    records = commits = 0.0
+#: The unlabelled series the bench reads: audit records and commits, relay requests and messages.
+_COUNTERS = (
+    "psngw_audit_records_total",
+    "psngw_audit_commit_seconds_count",
+    "psngw_relay_requests_total",
+    "psngw_relay_messages_total",
+)
+
+
+def parse_counters(metrics_text: str) -> dict[str, float]:
+    """The values of `_COUNTERS` so far in the gateway's /metrics (Prometheus text); absent ones are 0."""
+    out = dict.fromkeys(_COUNTERS, 0.0)
     for line in metrics_text.splitlines():
-        with contextlib.suppress(ValueError, IndexError):
-            if line.startswith("psngw_audit_records_total "):
-                records = float(line.split()[1])
-            elif line.startswith("psngw_audit_commit_seconds_count "):
-                commits = float(line.split()[1])
-    return records, commits
+        name, _, value = line.partition(" ")
+        if name in out:
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -272,8 +281,7 @@ class _Scrape:
     """What the bench reads from a gateway's /metrics at each end of a window."""
 
     stages: dict[str, tuple[float, float]]
-    records: float
-    commits: float
+    counters: dict[str, float]
 
 
 def _stage_ms(before: _Scrape, after: _Scrape) -> dict[str, float]:
@@ -286,10 +294,12 @@ def _stage_ms(before: _Scrape, after: _Scrape) -> dict[str, float]:
     return out
 
 
-def _records_per_commit(before: _Scrape, after: _Scrape) -> float | None:
-    """Audit records per commit (per fsync) between two scrapes; None if nothing was committed."""
-    commits = after.commits - before.commits
-    return round((after.records - before.records) / commits, 2) if commits > 0 else None
+def _per(before: _Scrape | None, after: _Scrape | None, counted: str, per: str) -> float | None:
+    """How many `counted` per `per` between two scrapes (records per commit...); None if there was no `per`."""
+    if before is None or after is None:
+        return None
+    denominator = after.counters[per] - before.counters[per]
+    return round((after.counters[counted] - before.counters[counted]) / denominator, 2) if denominator > 0 else None
 
 
 def _all_on(hop_stages: Sequence[Sequence[str]]) -> bool:
@@ -399,6 +409,8 @@ def render_report(report: Mapping[str, Any]) -> str:
                         parts = ", ".join(f"{k} {v:.3f}" for k, v in hop["stage_ms"].items())
                         if hop["records_per_commit"] is not None:
                             parts += f"; audit records per commit {hop['records_per_commit']:.2f}"
+                        if hop["calls_per_relay_message"] is not None:
+                            parts += f"; calls per relay message {hop['calls_per_relay_message']:.2f}"
                         lines.append(f"{'':<10} {hop['name']} stage wall ms: {parts}")
                 if row["errors"]:
                     lines.append(f"{'':<10} errors: {row['errors']}")
@@ -1366,7 +1378,7 @@ class _Hop:
         if body is None:
             return None
         text = body.decode(errors="replace")
-        return _Scrape(parse_stage_durations(text), *parse_audit_commits(text))
+        return _Scrape(parse_stage_durations(text), parse_counters(text))
 
     def read_health_stages(self) -> None:
         """Take the stages from the gateway's /healthz when it lists them (else keep the config's)."""
@@ -1906,7 +1918,8 @@ class _Bench:
                     "peak_rss_mb": round(after[f"hop:{h}"].hwm_mb, 2),
                     "rss_mb": round(after[f"hop:{h}"].rss_mb, 2),
                     "stage_ms": _stage_ms(b, a) if b is not None and a is not None else None,
-                    "records_per_commit": _records_per_commit(b, a) if b is not None and a is not None else None,
+                    "records_per_commit": _per(b, a, "psngw_audit_records_total", "psngw_audit_commit_seconds_count"),
+                    "calls_per_relay_message": _per(b, a, "psngw_relay_requests_total", "psngw_relay_messages_total"),
                 }
             )
         seconds = result["seconds"]

@@ -729,6 +729,14 @@ class GatewayMetrics:
         1 when the log can be written; 0 means the gateway is refusing traffic
         (fail closed). Alert on 0.
 
+    Relay channels
+
+    ``psngw_relay_messages_total`` counter
+        Messages this gateway sent on relay channels that carried unary requests.
+    ``psngw_relay_requests_total`` counter
+        Unary requests sent in them: over the messages, the calls each message
+        carried (``[limits] relay_batch_*`` packs calls on a busy channel).
+
     Policy
 
     ``psngw_policy_info{version}`` gauge
@@ -820,6 +828,10 @@ class GatewayMetrics:
         self.audit_healthy = r.gauge(
             "psngw_audit_healthy", "1 when the audit log can be written; 0 means traffic is refused."
         )
+        self.relay_messages = r.counter(
+            "psngw_relay_messages_total", "Messages sent on relay channels that carried unary requests."
+        )
+        self.relay_requests = r.counter("psngw_relay_requests_total", "Unary requests sent on relay channels.")
         self.policy_info = r.gauge("psngw_policy_info", "The policy version in force (value always 1).", ("version",))
         self.policy_reload_failures = r.counter(
             "psngw_policy_reload_failures_total", "Policy reloads rejected; the last good policy stays."

@@ -190,9 +190,11 @@ class _ClientStream:
         *,
         max_frame: int,
         hold: BatchHold | None = None,
+        on_sent: Callable[[int], None] | None = None,
     ) -> None:
         self.host = host
         self._hold = hold
+        self._on_sent = on_sent
         self._on_closed = on_closed
         self.pipe = pipe
         self._max_frame = max_frame
@@ -252,6 +254,8 @@ class _ClientStream:
             self._wake.set()
             if self._hold is not None and len(self._outbox) >= self._hold.siblings:
                 self._full.set()
+        elif self._on_sent is not None:
+            self._on_sent(1)
         try:
             if timeout is None:
                 return await future
@@ -346,6 +350,8 @@ class _ClientStream:
                     if batch.ByteSize():
                         # While this write waits for flow control, new calls queue up for the next batch.
                         await self.pipe.write(batch)
+                        if batch.requests and self._on_sent is not None:
+                            self._on_sent(len(batch.requests))
         except asyncio.CancelledError:
             self._cancelled()
             raise
@@ -473,6 +479,8 @@ class MuxClient:
     ) -> None:
         self._peers = peers
         self._hold = hold
+        #: told the number of unary requests in each message sent on a relay channel (metrics)
+        self.on_sent: Callable[[int], None] | None = None
         self._clock = clock
         self._fallback = fallback_seconds
         self._links = links
@@ -493,6 +501,10 @@ class MuxClient:
             if self._targets.get(host) != targets.get(host):
                 self._retire(host)
         self._targets = dict(targets)
+
+    def _sent(self, requests: int) -> None:
+        if self.on_sent is not None:
+            self.on_sent(requests)
 
     def transport(self, host: str) -> str:
         """``link``, ``grpc`` or ``unary-rpc``: how calls to `host` travel now."""
@@ -531,7 +543,9 @@ class MuxClient:
             else:
                 pipe = GrpcPipe(channel)
                 limit = self._peers.max_message_bytes
-            stream = self._streams[key] = _ClientStream(pipe, host, self._forget, max_frame=limit, hold=self._hold)
+            stream = self._streams[key] = _ClientStream(
+                pipe, host, self._forget, max_frame=limit, hold=self._hold, on_sent=self._sent
+            )
         return stream
 
     async def call(

@@ -735,6 +735,8 @@ class Gateway:
         m.witness_quorum_reached.set_function(lambda: 1.0 if self.audit_log.status()["quorum"]["reached"] else 0.0)
         m.checkpoint_cosignatures.set_function(self._cosignatures)
         self.audit_log.on_commit = self._observe_commit
+        if self.relay.mux is not None:
+            self.relay.mux.on_sent = self._observe_relay_message
         for force in self._directory.forces:
             m.crl_usable.set_function(partial(self._crl_usable, force), force=force)
             if force != self.force:
@@ -756,6 +758,10 @@ class Gateway:
     def _observe_commit(self, seconds: float, records: int) -> None:
         self.metrics.audit_commit.observe(seconds)
         self.metrics.audit_records.inc(records)
+
+    def _observe_relay_message(self, requests: int) -> None:
+        self.metrics.relay_messages.inc()
+        self.metrics.relay_requests.inc(requests)
 
     def _crl_usable(self, force: str) -> float:
         return 1.0 if self._trust.crl_status(force, self.clock.now()).usable else 0.0

@@ -80,6 +80,7 @@ HOP_FIELDS = {
     "rss_mb",
     "stage_ms",
     "records_per_commit",
+    "calls_per_relay_message",
 }
 MEMORY_FIELDS = {"status", "route", "note", "calls", "concurrency", "errors", "calls_per_s", "samples", "gateways"}
 MEMORY_GATEWAY_FIELDS = {

@@ -148,6 +148,10 @@ def test_relayed_unary_calls_travel_over_relay_links_and_each_is_recorded_at_bot
     exposed = origin_gateway.registry.expose().decode()
     [value] = re.findall(rf'^psngw_relay_channels_open\{{force="{TV}"\}} (\S+)$', exposed, re.MULTILINE)
     assert float(value) == mux.streams(TV) >= 1
+    # The requests sent and the messages that carried them (calls per message, for tuning relay_batch_*).
+    [requests] = re.findall(r"^psngw_relay_requests_total (\S+)$", exposed, re.MULTILINE)
+    [messages] = re.findall(r"^psngw_relay_messages_total (\S+)$", exposed, re.MULTILINE)
+    assert float(requests) >= 48 and 1 <= float(messages) <= float(requests), (requests, messages)
 
     origin = [r for r in records_since(lnet, SURREY, since) if r.officer_id == officer]
     host = [r for r in records_since(lnet, TV, since) if r.officer_id == officer]

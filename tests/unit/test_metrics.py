@@ -530,6 +530,8 @@ def test_gateway_metrics_names_types_and_labels() -> None:
         "psngw_audit_commit_seconds": ("histogram", ()),
         "psngw_audit_records_total": ("counter", ()),
         "psngw_audit_healthy": ("gauge", ()),
+        "psngw_relay_messages_total": ("counter", ()),
+        "psngw_relay_requests_total": ("counter", ()),
         "psngw_policy_info": ("gauge", ("version",)),
         "psngw_policy_reload_failures_total": ("counter", ()),
         "psngw_policy_decision_seconds": ("histogram", ()),

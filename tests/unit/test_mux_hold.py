@@ -68,8 +68,15 @@ class Host:
             self.frames.append(time.monotonic())
 
 
-async def _client(pipe: Pipe, hold: BatchHold | None) -> _ClientStream:
-    client = _ClientStream(pipe, "thames-valley", lambda _s: None, max_frame=LARGE, hold=hold)  # type: ignore[arg-type]
+async def _client(pipe: Pipe, hold: BatchHold | None, sent: list[int] | None = None) -> _ClientStream:
+    client = _ClientStream(
+        pipe,  # type: ignore[arg-type]
+        "thames-valley",
+        lambda _s: None,
+        max_frame=LARGE,
+        hold=hold,
+        on_sent=None if sent is None else sent.append,
+    )
     assert await asyncio.wait_for(client._peer_limit(), 5) == LARGE  # the host has spoken
     return client
 
@@ -83,12 +90,12 @@ async def _one_at_a_time(client: _ClientStream, count: int) -> list[asyncio.Futu
     return calls
 
 
-def _run_packing(hold: BatchHold | None) -> tuple[list[tuple[int, tuple[int, ...]]], float, int]:
+def _run_packing(hold: BatchHold | None, sent: list[int]) -> tuple[list[tuple[int, tuple[int, ...]]], float, int]:
     async def run() -> tuple[list[tuple[int, tuple[int, ...]]], float, int]:
         pipe = RequestsPipe()
         host = Host(pipe)
         serving = asyncio.ensure_future(host.mux.serve())
-        client = await _client(pipe, hold)
+        client = await _client(pipe, hold, sent)
         started = time.monotonic()
         calls = await _one_at_a_time(client, 7)
         while len(host.arrived) < 7:
@@ -104,17 +111,21 @@ def _run_packing(hold: BatchHold | None) -> tuple[list[tuple[int, tuple[int, ...
 
 
 def test_a_busy_channel_holds_requests_for_company_and_sends_them_as_one_message() -> None:
-    messages, took, answered = _run_packing(BatchHold(delay=1.0, siblings=4))
+    sent: list[int] = []
+    messages, took, answered = _run_packing(BatchHold(delay=1.0, siblings=4), sent)
     # Three calls waiting is not busy: each goes as it comes. The fourth waits for company, and the
     # batch goes once four requests are queued.
     assert messages == [(1, ()), (1, ()), (1, ()), (4, ())]
+    assert sent == [1, 1, 1, 4]  # what the gateway counts (psngw_relay_requests_total, _messages_total)
     assert answered == 7
     assert took < 0.5  # the full batch ended the one-second hold (a bound, not a timing figure)
 
 
 def test_without_a_hold_every_request_goes_as_it_comes() -> None:
-    messages, _, answered = _run_packing(None)
+    sent: list[int] = []
+    messages, _, answered = _run_packing(None, sent)
     assert messages == [(1, ())] * 7 and answered == 7
+    assert sent == [1] * 7
 
 
 def test_a_cancellation_ends_a_hold_and_the_held_request_goes_with_it() -> None:
