@@ -30,7 +30,8 @@ direct calls carry the same metadata, so the client side does the same work.
 
 ``--memory`` runs 100,000 calls through two gateways and samples RSS as they go;
 ``--profile`` samples the two gateways with py-spy (when installed) during a
-separate two-gateway run and splits each gateway's CPU per call by stage.
+separate two-gateway run (unary calls, or the workload ``--profile-workload``
+names) and splits each gateway's CPU per call by stage.
 ``--components`` adds the component benchmarks of the audit log and the policy.
 
 Everything listens on 127.0.0.1 only. Every process the command starts is in a
@@ -464,7 +465,10 @@ def _profile_lines(profile: Mapping[str, Any] | None) -> list[str]:
         return []
     if profile["status"] != "ok":
         return ["", f"profile: {profile['status']}: {profile['note']}"]
-    lines = ["", f"profile ({profile['method']}): CPU ms per call by stage, {profile['route']}, unary"]
+    lines = [
+        "",
+        f"profile ({profile['method']}): CPU ms per call by stage, {profile['route']}, {profile['workload']}",
+    ]
     for hop, p in profile["gateways"].items():
         lines.append(f"  {hop}: {_f(p['cpu_s_per_call'] * 1e3)} ms/call")
         for stage, s in p["stages"].items():
@@ -1307,6 +1311,8 @@ class BenchOptions:
     memory: bool = False
     memory_calls: int = 100_000
     profile: bool = False
+    #: what `profile` samples: "unary", "server-stream" or "client-stream"
+    profile_workload: str = "unary"
     components: bool = False
     root: Path | None = None
     gateway_log_level: str = "warning"
@@ -1332,6 +1338,7 @@ class BenchOptions:
             "memory": self.memory,
             "memory_calls": self.memory_calls,
             "profile": self.profile,
+            "profile_workload": self.profile_workload,
             "components": self.components,
             "gateway_log_level": self.gateway_log_level,
             "keep_rate_limits": self.keep_rate_limits,
@@ -2027,11 +2034,19 @@ class _Bench:
         return out
 
     def run_profile(self) -> dict[str, Any]:
-        """A separate two-gateway unary run with py-spy sampling each gateway; CPU per call split by stage."""
-        workload = WORKLOADS["unary"]
+        """A separate two-gateway run of `profile_workload` with py-spy sampling each gateway; CPU per call by stage."""
+        workload = WORKLOADS[self.options.profile_workload]
         found, note = self._working_route(workload)
         if found is None:
-            return {"status": "failed", "route": None, "method": "", "calls_per_s": None, "gateways": {}, "note": note}
+            return {
+                "status": "failed",
+                "route": None,
+                "workload": workload.name,
+                "method": "",
+                "calls_per_s": None,
+                "gateways": {},
+                "note": note,
+            }
         route = found
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         have_spy = Path(py_spy).exists()
@@ -2088,6 +2103,7 @@ class _Bench:
         out: dict[str, Any] = {
             "status": "ok",
             "route": route.target,
+            "workload": workload.name,
             "method": "py-spy record --nonblocking --rate 200 (on-CPU samples) + /proc per-thread CPU"
             if have_spy
             else "/proc per-thread CPU only (py-spy not found)",
@@ -2291,7 +2307,7 @@ def run_bench(options: BenchOptions, *, progress: IO[str] | None = None) -> dict
             say(f"memory: {options.memory_calls} calls through two gateways")
             report["memory"] = bench.run_memory()
         if options.profile:
-            say("profile: a sampled two-gateway unary run")
+            say(f"profile: a sampled two-gateway {options.profile_workload} run")
             report["profile"] = bench.run_profile()
         bench.stop_loadgen()
         say("stopping the network")
@@ -2342,6 +2358,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         memory=args.memory,
         memory_calls=args.memory_calls,
         profile=args.profile,
+        profile_workload=args.profile_workload,
         components=args.components,
         root=args.root,
         gateway_log_level=args.gateway_log_level,
@@ -2448,6 +2465,12 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--profile",
         action="store_true",
         help="also run a two-gateway run under py-spy (if installed) and split CPU per call by stage",
+    )
+    p.add_argument(
+        "--profile-workload",
+        choices=("unary", "server-stream", "client-stream"),
+        default="unary",
+        help="the workload --profile samples (default unary)",
     )
     p.add_argument(
         "--components", action="store_true", help="also run the audit log's and the policy's component benchmarks"

@@ -137,6 +137,9 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
             "--memory",
             "--memory-calls",
             "1000",
+            "--profile",
+            "--profile-workload",
+            "server-stream",
             "--json",
             str(out),
             "--root",
@@ -186,6 +189,14 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report["memory"].keys() >= MEMORY_FIELDS
     for gateway in report["memory"]["gateways"].values():
         assert gateway.keys() >= MEMORY_GATEWAY_FIELDS
+    # The profile samples the workload asked for (with py-spy when installed, else the threads' CPU alone).
+    profile = report["profile"]
+    assert profile["status"] == "ok", profile["note"]
+    assert profile["workload"] == "server-stream" and profile["route"] in {"gateway-2", "gateway-1"}
+    assert report["options"]["profile_workload"] == "server-stream"
+    for gateway in profile["gateways"].values():
+        assert gateway["cpu_s_per_call"] > 0 and gateway["threads"]
+    assert "server-stream" in printed.split("profile (")[1].splitlines()[0]
     assert set(report["targets"]) == TARGET_NAMES
     for target in report["targets"].values():
         assert {"target", "measured", "met", "note"} <= target.keys()
