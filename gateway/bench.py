@@ -2468,7 +2468,7 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument(
         "--profile-workload",
-        choices=("unary", "server-stream", "client-stream"),
+        choices=tuple(WORKLOADS),
         default="unary",
         help="the workload --profile samples (default unary)",
     )
