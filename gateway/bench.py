@@ -197,6 +197,8 @@ HOP_FIELDS = (
 
 #: Above this share of the cores used by other processes, the report warns that figures are skewed.
 _OTHER_LOAD_WARNING = 0.05
+#: How far the direct baseline may move between the start and the end of a workload before the report warns.
+_DRIFT_WARNING = 0.10
 
 #: The stages a gateway must have on for the issue-7 targets to count ("everything on").
 _LOCAL_STAGES = ("mtls", "token", "purpose", "policy", "audit")
@@ -417,6 +419,7 @@ def render_report(report: Mapping[str, Any]) -> str:
                     lines.append(f"{'':<10} errors: {row['errors']}")
             else:
                 lines.append(f"{row['target']:<10} {row['status']}: {row['note']}")
+        lines += _drift_lines(block)
         other = max((r["other_cpu_busy"] or 0.0 for r in block["rows"] if r["status"] == "ok"), default=0.0)
         if other > _OTHER_LOAD_WARNING:
             lines.append(
@@ -460,6 +463,22 @@ def _memory_lines(memory: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _drift_lines(block: Mapping[str, Any]) -> list[str]:
+    again, drift = block.get("direct_again"), block.get("direct_drift")
+    if again is None:
+        return []
+    lines = [
+        f"{'direct':<10} again after the others: {_f(again['calls_per_s'], 1)} calls/s, p50 {_f(again['p50_ms'])} ms, "
+        f"p99 {_f(again['p99_ms'])} ms" + ("" if drift is None else f" ({drift * 100:+.1f} % calls/s on the first)")
+    ]
+    if drift is not None and abs(drift) > _DRIFT_WARNING:
+        lines.append(
+            f"warning: the direct baseline moved {drift * 100:+.0f} % during this workload: its ratios are uncertain "
+            "by about as much (run on a quiet machine, or again)"
+        )
+    return lines
+
+
 def _profile_lines(profile: Mapping[str, Any] | None) -> list[str]:
     if not profile:
         return []
@@ -494,6 +513,19 @@ def _row(report: Mapping[str, Any], workload: str, target: str) -> Mapping[str, 
     return next((r for r in block["rows"] if r["target"] == target and r["status"] == "ok"), None)
 
 
+def _drift_note(report: Mapping[str, Any], workload: str) -> str:
+    """A note when the direct baseline of `workload` moved by more than `_DRIFT_WARNING` during it."""
+    block = report["workloads"].get(workload) or {}
+    drift = block.get("direct_drift")
+    if drift is None or abs(drift) <= _DRIFT_WARNING:
+        return ""
+    return f"the direct baseline moved {drift * 100:+.0f} % during the workload"
+
+
+def _notes(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def evaluate_targets(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The targets of issue 7, each with what this run measured and whether it is met (None: not measured)."""
     out: dict[str, dict[str, Any]] = {}
@@ -516,14 +548,15 @@ def evaluate_targets(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             ">= 0.30 (goal 0.5)",
             ratio,
             ratio >= 0.30 and not two["errors"],
-            stages_note,
+            _notes(stages_note, _drift_note(report, "unary")),
         )
     else:
         put("two_gateways_throughput_ratio", ">= 0.30 (goal 0.5)", None, None, "needs unary with concurrency > 1")
     if two is not None and concurrency == 1:
         p50, p99 = two["added_p50_ms"], two["added_p99_ms"]
-        put("unloaded_added_p50_ms", "<= 3 ms", p50, p50 is not None and p50 <= 3.0, stages_note)
-        put("unloaded_added_p99_ms", "<= 10 ms", p99, p99 is not None and p99 <= 10.0, stages_note)
+        note = _notes(stages_note, _drift_note(report, "unary"))
+        put("unloaded_added_p50_ms", "<= 3 ms", p50, p50 is not None and p50 <= 3.0, note)
+        put("unloaded_added_p99_ms", "<= 10 ms", p99, p99 is not None and p99 <= 10.0, note)
     else:
         put("unloaded_added_p50_ms", "<= 3 ms", None, None, "needs --concurrency 1")
         put("unloaded_added_p99_ms", "<= 10 ms", None, None, "needs --concurrency 1")
@@ -536,7 +569,13 @@ def evaluate_targets(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     stream = _row(report, "server-stream", "gateway-2")
     if stream is not None and stream["ratio_to_direct"] is not None:
         ratio = stream["ratio_to_direct"]
-        put("server_stream_ratio", ">= 0.5", ratio, ratio >= 0.5 and not stream["errors"])
+        put(
+            "server_stream_ratio",
+            ">= 0.5",
+            ratio,
+            ratio >= 0.5 and not stream["errors"],
+            _drift_note(report, "server-stream"),
+        )
     else:
         put("server_stream_ratio", ">= 0.5", None, None, "needs --workload server-stream")
     memory = report.get("memory")
@@ -1977,7 +2016,21 @@ class _Bench:
                 continue
             rows.append(self.measure(route, workload))
         _finish_rows(rows)
-        return {"description": workload.description, "payload_bytes": workload.payload_bytes, "rows": rows}
+        block: dict[str, Any] = {
+            "description": workload.description,
+            "payload_bytes": workload.payload_bytes,
+            "rows": rows,
+            "direct_again": None,
+            "direct_drift": None,
+        }
+        first = next((r for r in rows if r["target"] == "direct" and r["status"] == "ok"), None)
+        if first is not None and first["calls_per_s"] and any(r["status"] == "ok" for r in rows if r is not first):
+            # The baseline again, after the others: how far it moved says how far to trust the ratios.
+            again = self.measure(self.routes["direct"], workload)
+            block["direct_again"] = {k: again[k] for k in ("calls_per_s", "p50_ms", "p99_ms", "errors")}
+            if again["calls_per_s"]:
+                block["direct_drift"] = round(again["calls_per_s"] / first["calls_per_s"] - 1, 4)
+        return block
 
     def _working_route(self, workload: Workload) -> tuple[_Route | None, str]:
         """Two gateways if they answer, else one gateway (with a note saying so), else None and why."""

@@ -178,6 +178,13 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert direct["calls"] > 0
         assert direct["ratio_to_direct"] == 1.0
         assert direct["p50_ms"] <= direct["p90_ms"] <= direct["p99_ms"]
+        # The baseline is measured again after the other targets, and how far it moved is reported.
+        again = block["direct_again"]
+        if any(r["status"] == "ok" for r in block["rows"][1:]):
+            assert again is not None and again["calls_per_s"] > 0, name
+            assert block["direct_drift"] == round(again["calls_per_s"] / direct["calls_per_s"] - 1, 4)
+        else:
+            assert again is None  # nothing to compare with the baseline: it is not measured twice
         one = block["rows"][1]
         if one["status"] == "ok":
             assert [h["name"] for h in one["hops"]] == ["gateway thames-valley"]
@@ -202,6 +209,9 @@ def test_bench_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert {"target", "measured", "met", "note"} <= target.keys()
     # The terminal table shows the same rows.
     assert "direct" in printed and "gateway-2" in printed
+    assert printed.count("again after the others") == sum(
+        b["direct_again"] is not None for b in report["workloads"].values()
+    )
     assert code in (0, 1)  # 1: a route refused calls (the table says why); never a crash
     # No process it started outlives it.
     assert _our_children(root) == []
