@@ -395,8 +395,9 @@ def render_report(report: Mapping[str, Any]) -> str:
     lines = [
         f"psngw bench  {report['date']}  {machine['cores']} cores  Python {machine['python']}  "
         f"grpcio {machine['grpcio']}  loop {machine['loop']}",
-        f"{opts['concurrency']} calls in flight, {window} after {opts['warmup']:g} s warm-up; "
-        f"caller {report['network']['caller_force']}, host {report['network']['host_force']}",
+        f"{opts['concurrency']} calls in flight, {window} after {opts['warmup']:g} s warm-up"
+        + (f", {opts['think_ms']:g} ms think time after each call; " if opts.get("think_ms") else "; ")
+        + f"caller {report['network']['caller_force']}, host {report['network']['host_force']}",
     ]
     header = (
         f"{'target':<10} {'calls/s':>9} {'ratio':>6} {'cpu-r':>5} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
@@ -991,12 +992,13 @@ class _Window:
 
 
 async def _run_load(cmd: Mapping[str, Any]) -> dict[str, Any]:
-    """A closed loop: `concurrency` callers, each making its next call when the last one ends."""
+    """A closed loop: `concurrency` callers, each making its next call when the last one ends (and `think` later)."""
     import grpc  # noqa: PLC0415  # only the load generator needs grpc
 
     target = cmd["target"]
     workload = WORKLOADS[cmd["workload"]]
     duration: float | None = cmd.get("duration")
+    think = float(cmd.get("think") or 0.0)
     window = _Window(cmd.get("calls"), cmd.get("progress_every") or 0)
     channels = _open_channels(target, cmd.get("channels", 1))
 
@@ -1011,6 +1013,8 @@ async def _run_load(cmd: Mapping[str, Any]) -> dict[str, Any]:
             except _Incomplete:
                 code = "INCOMPLETE"
             window.finished(t0, time.perf_counter(), code)
+            if think:
+                await asyncio.sleep(think)
 
     try:
         for channel in channels:
@@ -1347,6 +1351,8 @@ class BenchOptions:
     warmup: float = 2.0
     calls: int | None = None
     channels: int = 1
+    #: each caller's pause after a call before its next (closed loop with think time)
+    think_ms: float = 0.0
     memory: bool = False
     memory_calls: int = 100_000
     profile: bool = False
@@ -1374,6 +1380,7 @@ class BenchOptions:
             "warmup": self.warmup,
             "calls": self.calls,
             "channels": self.channels,
+            "think_ms": self.think_ms,
             "memory": self.memory,
             "memory_calls": self.memory_calls,
             "profile": self.profile,
@@ -1923,6 +1930,7 @@ class _Bench:
                 "calls": calls,
                 "progress_every": progress_every,
                 "channels": opts.channels,
+                "think": opts.think_ms / 1000,
                 "timeout": opts.call_timeout,
             }
         )
@@ -2408,6 +2416,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         warmup=args.warmup,
         calls=args.calls,
         channels=args.channels,
+        think_ms=args.think_ms,
         memory=args.memory,
         memory_calls=args.memory_calls,
         profile=args.profile,
@@ -2502,6 +2511,13 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=_bounded(int, 1, 64),
         default=1,
         help="client connections the load generator spreads its calls over (default 1)",
+    )
+    p.add_argument(
+        "--think-ms",
+        type=_bounded(float, 0, 10_000),
+        default=0.0,
+        help="each caller pauses this long after a call before its next, 0 to 10000 ms (default 0); with "
+        "--concurrency 1, direct then sits idle between calls as it does behind the slower routes",
     )
     p.add_argument(
         "--memory",

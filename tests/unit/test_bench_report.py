@@ -1,12 +1,17 @@
-"""`psngw bench`'s report: the second measurement of the direct baseline, and what the report says about it.
+"""`psngw bench`'s report and load generator, without a network.
 
-Pure functions on report dicts: no network, no processes.
+The report: the second measurement of the direct baseline, and what the report says about it (pure functions on
+report dicts). The load generator: its closed loop with think time, over a fake channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
+
+from gateway import bench
 from gateway.bench import _drift_lines, evaluate_targets, render_report
 
 
@@ -78,3 +83,46 @@ def test_a_baseline_measured_once_adds_nothing() -> None:
     report = _report(None)
     assert _drift_lines(report["workloads"]["unary"]) == []
     assert evaluate_targets(report)["two_gateways_throughput_ratio"]["note"] == ""
+
+
+# -- the load generator's think time ------------------------------------------------------------
+
+
+class _Channel:
+    async def channel_ready(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _load(monkeypatch: pytest.MonkeyPatch, think: float, calls: int) -> dict[str, Any]:
+    """`_run_load` for `calls` calls over a fake channel whose calls end at once."""
+    monkeypatch.setattr(bench, "_open_channels", lambda _target, count: [_Channel() for _ in range(count)])
+
+    async def instant() -> None:
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(bench, "_make_caller", lambda *_args: instant)
+    cmd = {
+        "target": {"method": "/psn.bench.v1.Echo1/Unary", "metadata": []},
+        "workload": "unary",
+        "concurrency": 2,
+        "warmup": 0.0,
+        "duration": None,
+        "calls": calls,
+        "timeout": 5.0,
+        "think": think,
+    }
+    return asyncio.run(bench._run_load(cmd))
+
+
+def test_think_time_spaces_each_callers_calls(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two callers, 20 calls, 50 ms of think time after each: each caller makes its tenth call after nine pauses.
+    slow = _load(monkeypatch, 0.05, 20)
+    assert slow["calls"] == 20 and slow["seconds"] >= 9 * 0.05
+    fast = _load(monkeypatch, 0.0, 20)
+    assert fast["calls"] == 20 and fast["seconds"] < 9 * 0.05
+    assert '"event": "measuring"' in capsys.readouterr().out
