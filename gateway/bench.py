@@ -472,11 +472,9 @@ def _drift_lines(block: Mapping[str, Any]) -> list[str]:
         f"{'direct':<10} again after the others: {_f(again['calls_per_s'], 1)} calls/s, p50 {_f(again['p50_ms'])} ms, "
         f"p99 {_f(again['p99_ms'])} ms" + ("" if drift is None else f" ({drift * 100:+.1f} % calls/s on the first)")
     ]
-    if drift is not None and abs(drift) > _DRIFT_WARNING:
-        lines.append(
-            f"warning: the direct baseline moved {drift * 100:+.0f} % during this workload: its ratios are uncertain "
-            "by about as much (run on a quiet machine, or again)"
-        )
+    moved = _moved(block)
+    if moved:
+        lines.append(f"warning: {moved}: its ratios are uncertain by about as much (run on a quiet machine, or again)")
     return lines
 
 
@@ -514,13 +512,16 @@ def _row(report: Mapping[str, Any], workload: str, target: str) -> Mapping[str, 
     return next((r for r in block["rows"] if r["target"] == target and r["status"] == "ok"), None)
 
 
-def _drift_note(report: Mapping[str, Any], workload: str) -> str:
-    """A note when the direct baseline of `workload` moved by more than `_DRIFT_WARNING` during it."""
-    block = report["workloads"].get(workload) or {}
+def _moved(block: Mapping[str, Any]) -> str:
+    """What to say when a workload's direct baseline moved by more than `_DRIFT_WARNING` during it ("" if not)."""
     drift = block.get("direct_drift")
     if drift is None or abs(drift) <= _DRIFT_WARNING:
         return ""
     return f"the direct baseline moved {drift * 100:+.0f} % during the workload"
+
+
+def _drift_note(report: Mapping[str, Any], workload: str) -> str:
+    return _moved(report["workloads"].get(workload) or {})
 
 
 def _notes(*notes: str) -> str:
