@@ -94,6 +94,7 @@ __all__ = [
     "CONTEXT_ENVELOPE",
     "CONTEXT_REQUEST_SEAL",
     "CONTEXT_RESPONSE_SEAL",
+    "MAX_STATUS_MESSAGE",
     "VERSION",
     "Envelope",
     "EnvelopeVerifier",
@@ -126,7 +127,8 @@ _MESSAGES_CONTEXT = b"psn-gateway/v1 messages"
 _DIGEST_LEN = 32
 _SIGNATURE_LEN = 64
 _MAX_CERT_BYTES = 16 * 1024
-_MAX_STATUS_MESSAGE = 4096
+#: the longest status message a response seal carries (characters)
+MAX_STATUS_MESSAGE = 4096
 _MAX_LIST = 32
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
@@ -481,7 +483,7 @@ def parse_response_seal_body(body: bytes) -> ResponseSeal:
     _check_version(b.version, what)
     if not 0 <= b.status_code <= 16:
         raise _invalid(what, f"status code {b.status_code} is not a gRPC status")
-    if len(b.status_message) > _MAX_STATUS_MESSAGE:
+    if len(b.status_message) > MAX_STATUS_MESSAGE:
         raise _invalid(what, "status message too long")
     return ResponseSeal(
         request_id=_check_text(b.request_id, _REQUEST_ID, what, "request_id"),

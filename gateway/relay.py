@@ -17,6 +17,7 @@ headers, the messages (numbered), and the response seal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.breaker import Breaker
 from gateway.clock import Clock, SystemClock
 from gateway.directory import CallType
 from gateway.envelope import (
+    MAX_STATUS_MESSAGE,
     Envelope,
     EnvelopeVerifier,
     MessageDigest,
@@ -47,7 +49,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.forward import Metadata, Reply
-from gateway.metadata import from_relay_entries, to_relay_entries
+from gateway.metadata import check_relayed_metadata, from_relay_entries, to_relay_entries
 from gateway.mux import MuxClient, MuxUnsupported
 from gateway.pipeline import Call
 from gateway.tls import ChannelPool
@@ -57,8 +59,10 @@ __all__ = [
     "RelayClient",
     "RelayHostDownstream",
     "RelayUpstream",
+    "carried_metadata",
     "parse_relay_request",
     "response_seal_for",
+    "sealable",
 ]
 
 log = logging.getLogger("psngw.relay")
@@ -452,6 +456,42 @@ def parse_relay_request(data: bytes, *, unary: bool) -> Any:
         raise InvalidArgument(f"relay {'request' if unary else 'frame'} does not parse: {exc}") from exc
 
 
+def carried_metadata(md: Metadata, *, what: str, status_details: bool = False) -> tuple[tuple[str, bytes], ...]:
+    """`md` as a seal carries it; `Unavailable` naming `what` when the relay contract cannot carry it.
+
+    The host checks the backend's headers and trailers before they leave, against the limits the
+    origin checks them by (over 64 entries or 16 KiB, a value that is not ASCII): an answer that
+    cannot be sealed must end the call as a recorded refusal, not fail to seal.
+    """
+    try:
+        wire = to_relay_entries(md)
+        check_relayed_metadata(wire, status_details=status_details)
+    except UnicodeEncodeError:
+        raise Unavailable(f"{what}: its answer's metadata is not ASCII and cannot be relayed") from None
+    except InvalidArgument as exc:
+        raise Unavailable(f"{what}: its answer cannot be relayed: {exc.reason}") from exc
+    return wire
+
+
+def _backend(call: Call) -> str:
+    return f"backend {call.route.application.name}" if call.route is not None else "the backend"
+
+
+def sealable(call: Call, reply: Reply) -> Reply:
+    """The backend's `reply` to `call` as a response seal can carry it (see `carried_metadata`).
+
+    A status message longer than a seal carries is cut to `MAX_STATUS_MESSAGE` characters (the
+    application's text, which may echo the caller's input); metadata that cannot be carried
+    raises `Unavailable`.
+    """
+    what = _backend(call)
+    carried_metadata(reply.initial_metadata, what=what)
+    carried_metadata(reply.trailing_metadata, what=what, status_details=True)
+    if len(reply.details) > MAX_STATUS_MESSAGE:
+        return dataclasses.replace(reply, details=reply.details[:MAX_STATUS_MESSAGE])
+    return reply
+
+
 def _message_frame(seq: int, data: bytes) -> relay_pb2.RelayFrame:
     """The `RelayFrame` carrying message `seq`, built in place.
 
@@ -583,9 +623,12 @@ class RelayHostDownstream:
         raise InvalidArgument(f"unexpected relay frame {kind!r} in the request stream")
 
     async def send_initial_metadata(self, md: Metadata) -> None:
-        """Send the backend's headers as a Headers frame (none when they are empty: the seal still binds them)."""
+        """Send the backend's headers as a Headers frame (none when they are empty: the seal still binds them).
+
+        `Unavailable` (nothing sent) when the seal could not carry them (`carried_metadata`).
+        """
+        wire = carried_metadata(md, what=_backend(self._call))
         self._headers_sent = md
-        wire = to_relay_entries(md)
         if not wire:
             return  # the origin takes no Headers frame as empty headers, and checks that against the seal
         await self._context.write(

@@ -74,7 +74,7 @@ from gateway.policy import (
     load_policy,
 )
 from gateway.ratelimit import RateLimiter, RateLimitStage
-from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for
+from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for, sealable
 from gateway.relaylink import (
     FRAME_OVERHEAD,
     LinkConnection,
@@ -1017,7 +1017,7 @@ class Gateway:
         try:
             await self.peer_identity.admit(call)
             await self.peer_pipeline.admit(call)
-            reply = await self._forward_timed(self.forward_unary(call, call.relay_request.message))
+            reply = sealable(call, await self._forward_timed(self.forward_unary(call, call.relay_request.message)))
         except GatewayError as exc:
             if call.envelope is None:
                 return await self._record_refusal(call, exc)
@@ -1218,7 +1218,7 @@ class Gateway:
             downstream = RelayHostDownstream(context, call, self.envelope_verifier)
             await self.record(call, "stream-open")
             opened = True
-            reply = await self._forward_timed(self._pump(downstream, call))
+            reply = sealable(call, await self._forward_timed(self._pump(downstream, call)))
         except GatewayError as exc:
             if call.envelope is None:
                 raise

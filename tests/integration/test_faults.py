@@ -29,9 +29,10 @@ import pytest
 
 from gateway import pki
 from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2, casefiles_pb2_grpc
+from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.breaker import BreakerState
-from gateway.envelope import MessageDigest, ResponseSeal, Signer, seal_response
+from gateway.envelope import MAX_STATUS_MESSAGE, MessageDigest, ResponseSeal, Signer, seal_response
 from gateway.relaylink import LinkConnection, RelayLinkListener, server_context
 from gateway.server import Gateway
 from gateway.tls import KeyPair
@@ -145,26 +146,31 @@ def test_a_backend_that_is_down_fails_fast_and_both_logs_say_why(fnet: NetworkTh
 
 
 @contextlib.contextmanager
-def _slow_app(fnet: NetworkThread, force: str, name: str) -> Iterator[None]:
-    """`force`'s application `name` replaced by a stand-in that never answers."""
+def _stand_in_app(fnet: NetworkThread, force: str, name: str, *, unary: Any, stream: Any) -> Iterator[None]:
+    """`force`'s application `name` replaced by a stand-in that answers with `unary` and `stream`."""
     layout = fnet.layout
     app = layout.material[force].app_servers[name]
     fnet.run(fnet.network.apps[name].stop(0))
-    slow = fnet.run(
+    stand_in = fnet.run(
         start_stand_in(
             f"127.0.0.1:{layout.ports[force].apps[name]}",
             cert=app.cert_path,
             key=app.key_path,
             client_ca=layout.material[force].ca.read_bytes(),
-            unary=sleep_forever,
-            stream=sleep_forever,
+            unary=unary,
+            stream=stream,
         )
     )
     try:
         yield
     finally:
-        fnet.run(slow.stop(0))
+        fnet.run(stand_in.stop(0))
         _restart_app(fnet, force, name)
+
+
+def _slow_app(fnet: NetworkThread, force: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """`force`'s application `name` replaced by a stand-in that never answers."""
+    return _stand_in_app(fnet, force, name, unary=sleep_forever, stream=sleep_forever)
 
 
 @pytest.fixture
@@ -267,6 +273,84 @@ def test_a_backend_that_dies_mid_stream_ends_the_call_unavailable(fnet: NetworkT
     assert all("backend case-files" in r.refusal_reason for r in records(fnet, SURREY, officer=officer) if r.status)
     origin = [(r.event, r.status) for r in records(fnet, HANTS, officer=officer)]
     assert origin == [("stream-open", ""), ("stream-close", "UNAVAILABLE")], origin
+    back_to_service(fnet, SURREY)
+
+
+# -- answers a response seal cannot carry ---------------------------------------------------------
+
+#: More metadata entries than a seal carries (64): a backend may send them, the relay cannot.
+_TOO_MANY = tuple((f"x-note-{i}", "v") for i in range(70))
+
+
+def _relayed_search(fnet: NetworkThread, officer: str) -> tuple[str, str]:
+    with fnet.officer_channel(SURREY, officer=officer) as ch:
+        stub = intel_pb2_grpc.IntelligenceSearchStub(ch)
+        return outcome(lambda: stub.Search(intel_pb2.SearchRequest(subject="alpha"), timeout=10))
+
+
+def test_a_backend_status_message_longer_than_a_seal_carries_is_cut_and_both_gateways_record_it(
+    fnet: NetworkThread,
+) -> None:
+    # An application error whose text echoes the caller's input can be any length; a seal carries 4,096
+    # characters. The host must still seal, record and answer: not drop the call with no record.
+    long_text = "no match for " + "x" * 6000
+
+    async def not_found(method: str, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.NOT_FOUND, long_text)
+
+    officer = _officer()
+    with _stand_in_app(fnet, TV, "intel-search", unary=not_found, stream=sleep_forever):
+        (status, details), took = _timed(lambda: _relayed_search(fnet, officer))
+    assert status == "NOT_FOUND" and details == long_text[:MAX_STATUS_MESSAGE], (status, details[:40], len(details))
+    assert took < 5, took
+    [host] = records(fnet, TV, officer=officer)
+    [origin] = records(fnet, SURREY, officer=officer)
+    assert (host.status, origin.status) == ("NOT_FOUND", "NOT_FOUND")
+    assert origin.seal_signature == host.seal_signature != b""
+    assert fnet.network.gateways[SURREY].relay.breaker(TV).state is BreakerState.CLOSED
+    back_to_service(fnet, TV)
+
+
+def test_a_backend_answer_with_metadata_a_seal_cannot_carry_is_a_recorded_refusal(fnet: NetworkThread) -> None:
+    # Trailers over the relay's limits: the host refuses the call (UNAVAILABLE, sealed and recorded with
+    # the reason) instead of failing to seal it, and the origin passes the refusal on.
+    async def many_trailers(method: str, request: Any, context: Any) -> Any:
+        context.set_trailing_metadata(_TOO_MANY)
+        return intel_pb2.SearchResponse().SerializeToString()
+
+    officer = _officer()
+    with _stand_in_app(fnet, TV, "intel-search", unary=many_trailers, stream=sleep_forever):
+        (status, details), took = _timed(lambda: _relayed_search(fnet, officer))
+    assert (status, details) == ("UNAVAILABLE", "unavailable") and took < 5, (status, details, took)
+    [host] = records(fnet, TV, officer=officer)
+    assert host.status == "UNAVAILABLE" and host.response_messages == 0, host
+    assert "cannot be relayed" in host.refusal_reason and "more than 64 entries" in host.refusal_reason
+    [origin] = records(fnet, SURREY, officer=officer)
+    assert origin.status == "UNAVAILABLE" and origin.seal_signature == host.seal_signature != b""
+    assert fnet.network.gateways[SURREY].relay.breaker(TV).state is BreakerState.CLOSED
+    back_to_service(fnet, TV)
+
+
+def test_a_backend_stream_with_headers_a_seal_cannot_carry_is_refused_before_anything_leaves(
+    fnet: NetworkThread,
+) -> None:
+    async def many_headers(method: str, requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            break
+        await context.send_initial_metadata(_TOO_MANY)
+        return [casefiles_pb2.DocumentChunk(offset=0, data=b"case file", last=True).SerializeToString()]
+
+    officer = _officer()
+    with (
+        _stand_in_app(fnet, SURREY, "case-files", unary=sleep_forever, stream=many_headers),
+        fnet.officer_channel(HANTS, officer=officer) as ch,
+    ):
+        (status, details), took = _timed(lambda: case_files(ch))
+    assert (status, details) == ("UNAVAILABLE", "unavailable") and took < 5, (status, details, took)
+    opened, closed = records(fnet, SURREY, officer=officer)
+    assert (opened.event, closed.event, closed.status) == ("stream-open", "stream-close", "UNAVAILABLE")
+    assert "cannot be relayed" in closed.refusal_reason and closed.response_messages == 0
+    assert records(fnet, HANTS, officer=officer)[-1].response_messages == 0
     back_to_service(fnet, SURREY)
 
 
