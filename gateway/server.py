@@ -837,14 +837,22 @@ class Gateway:
             log.error("could not record refusal: %s", audit_exc.reason, extra={"request_id": call.request_id})
         return _Refused(code, exc.public)
 
-    async def finish(self, call: Call, reply: Reply, context: Context, event: str) -> bytes | None:
-        """Record the outcome durably, then release the reply to the caller."""
+    async def finish(
+        self, call: Call, reply: Reply, context: Context, event: str, *, headers: Metadata = ()
+    ) -> bytes | None:
+        """Record the outcome durably, then release the reply to the caller: `headers` first, if any.
+
+        Headers are part of the answer (an application may put data in them): nothing of it
+        leaves before the record is on disk.
+        """
         call.status = reply.code.name
         call.status_message = reply.details
         try:
             await self.record(call, event)
         except GatewayError as exc:
             await self.refuse(call, exc, context)
+        if headers:
+            await context.send_initial_metadata(headers)
         trailing = (*reply.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
         if not reply.ok:
             await context.abort(reply.code, reply.details, trailing_metadata=trailing)
@@ -881,9 +889,7 @@ class Gateway:
             raise
         if reply.message is not None:
             call.response_messages = 1
-        if reply.initial_metadata:
-            await context.send_initial_metadata(reply.initial_metadata)
-        return await self.finish(call, reply, context, "call")
+        return await self.finish(call, reply, context, "call", headers=reply.initial_metadata)
 
     async def local_stream(self, method: str, context: Context) -> None:
         """A streaming call (any direction) from an application of this force."""

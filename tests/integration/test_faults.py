@@ -578,6 +578,53 @@ def test_an_unwritable_audit_store_closes_the_gate_discloses_nothing_and_recover
     ]
 
 
+def _search_with_headers(fnet: NetworkThread, force: str, officer: str) -> tuple[str, dict[str, Any]]:
+    """IntelligenceSearch.Search from an application of `force`: its status, and the headers it received."""
+    with fnet.officer_channel(force, officer=officer) as ch:
+        stub = intel_pb2_grpc.IntelligenceSearchStub(ch)
+        try:
+            _, call = stub.Search.with_call(intel_pb2.SearchRequest(subject="alpha"), timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, dict(exc.initial_metadata() or ())  # type: ignore[attr-defined]
+        return "OK", dict(call.initial_metadata() or ())
+
+
+@contextlib.contextmanager
+def _audit_locked(fnet: NetworkThread, force: str) -> Iterator[None]:
+    """Another process holds `force`'s audit write lock (past lock_timeout_seconds); the log recovers after."""
+    import sqlite3
+
+    holder = sqlite3.connect(fnet.layout.config(force).audit.db, isolation_level=None, timeout=10)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    gateway = fnet.network.gateways[force]
+    wait_for(lambda: gateway.health()["serving"] is True, f"{force}'s audit log to recover", timeout=15)
+
+
+def test_a_unary_answer_s_headers_leave_only_after_its_record(fnet: NetworkThread) -> None:
+    # Response headers are part of the answer (an application may put personal data there). With the
+    # log unwritable they must not reach the caller: at the host's own edge, and at an origin whose
+    # own record fails after the host answered.
+    async def with_headers(method: str, request: Any, context: Any) -> Any:
+        await context.send_initial_metadata((("x-detainee-name", "J Example"),))
+        return intel_pb2.SearchResponse().SerializeToString()
+
+    with _stand_in_app(fnet, TV, "intel-search", unary=with_headers, stream=sleep_forever):
+        for force in (TV, SURREY):  # the host's own application; relayed from another force
+            status, headers = _search_with_headers(fnet, force, _officer())
+            assert status == "OK" and headers.get("x-detainee-name") == "J Example", (force, status, headers)
+            officer = _officer()
+            with _audit_locked(fnet, force):
+                status, headers = _search_with_headers(fnet, force, officer)
+            assert status == "UNAVAILABLE" and "x-detainee-name" not in headers, (force, status, headers)
+            assert records(fnet, force, officer=officer) == []
+    back_to_service(fnet, TV)
+
+
 # -- policy ---------------------------------------------------------------------------------------
 
 
