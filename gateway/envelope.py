@@ -88,6 +88,7 @@ from gateway.errors import (
 from gateway.identity import PeerIdentity, TrustStore, Usage
 from gateway.metadata import check_relayed_metadata
 from gateway.principal import Principal, Purpose
+from gateway.purpose import check_carried
 from gateway.replay import InMemoryReplayStore, ReplayStore
 
 __all__ = [
@@ -415,9 +416,12 @@ def _principal(p: relay_pb2.Principal, what: str) -> Principal:
 def _purpose(p: relay_pb2.Purpose, what: str) -> Purpose:
     if not p.justification or not p.case_reference or not p.text:
         raise _invalid(what, "purpose is incomplete")
-    if len(p.justification) > 64 or len(p.case_reference) > 256 or len(p.text) > 4000:
-        raise _invalid(what, "purpose field too long")
-    return Purpose(p.justification, p.case_reference, p.text)
+    purpose = Purpose(p.justification, p.case_reference, p.text)
+    try:
+        check_carried(purpose)
+    except InvalidArgument as exc:
+        raise _invalid(what, exc.reason) from exc
+    return purpose
 
 
 def parse_envelope_body(body: bytes) -> Envelope:

@@ -204,11 +204,26 @@ class RouteStage:
         self.listener = listener
 
     async def __call__(self, call: Call) -> None:
-        """Set `call.route`; `NotFound` for a method no application serves."""
+        """Set `call.route`; `NotFound` for a method no application serves.
+
+        On the peer listener, also `PermissionDenied` for a method this force does not host, and
+        `InvalidArgument` for an envelope that signs another call type than the directory's for
+        the method: what the envelope's digests cover depends on it (a client-stream envelope
+        signs no request message, so posing a server stream as one would bring the backend a
+        request nothing signed).
+        """
         route = self._directory().route(call.method)
-        if self.listener is Listener.PEER and route.host != self.force:
-            # A peer may only ask for what this force hosts: no onward relaying.
-            raise PermissionDenied(f"{call.method} is hosted by {route.host}, not by {self.force}: no transit relaying")
+        if self.listener is Listener.PEER:
+            if route.host != self.force:
+                # A peer may only ask for what this force hosts: no onward relaying.
+                raise PermissionDenied(
+                    f"{call.method} is hosted by {route.host}, not by {self.force}: no transit relaying"
+                )
+            signed = call.envelope.value.call_type if call.envelope is not None else None
+            if signed is not None and signed is not route.method.call_type:
+                raise InvalidArgument(
+                    f"the envelope signs a {signed} call, but {call.method} is {route.method.call_type}"
+                )
         call.route = route
 
 

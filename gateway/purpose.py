@@ -50,6 +50,7 @@ __all__ = [
     "PURPOSE_PREFIX",
     "PURPOSE_TEXT_KEY",
     "PurposeConfig",
+    "check_carried",
     "decode_text",
     "encode_text",
     "parse_purpose",
@@ -63,6 +64,9 @@ PURPOSE_TEXT_KEY = "psn-purpose-text"
 PURPOSE_KEYS = (PURPOSE_CODE_KEY, PURPOSE_CASE_KEY, PURPOSE_TEXT_KEY)
 
 _CODE_PATTERN = r"[a-z][a-z0-9-]{0,31}"
+#: the bounds of the configurable limits (`PurposeConfig`): no force's gateway sends more
+_MAX_CASE_LEN = 256
+_MAX_TEXT_LEN = 4000
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _CASE_CHARS = re.compile(r"[\x21-\x7e]+")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -106,10 +110,12 @@ class PurposeConfig:
             raise ConfigError(f"case_pattern is not a regular expression: {exc}", field="purpose.case_pattern") from exc
         if empty_ok:
             raise ConfigError("case_pattern matches an empty reference", field="purpose.case_pattern")
-        if not 1 <= self.max_case_len <= 256:
-            raise ConfigError("max_case_len must be 1 to 256", field="purpose.max_case_len")
-        if not 1 <= self.min_text_len <= self.max_text_len <= 4000:
-            raise ConfigError("need 1 <= min_text_len <= max_text_len <= 4000", field="purpose.max_text_len")
+        if not 1 <= self.max_case_len <= _MAX_CASE_LEN:
+            raise ConfigError(f"max_case_len must be 1 to {_MAX_CASE_LEN}", field="purpose.max_case_len")
+        if not 1 <= self.min_text_len <= self.max_text_len <= _MAX_TEXT_LEN:
+            raise ConfigError(
+                f"need 1 <= min_text_len <= max_text_len <= {_MAX_TEXT_LEN}", field="purpose.max_text_len"
+            )
 
     @classmethod
     def from_section(cls, sec: Section) -> PurposeConfig:
@@ -118,9 +124,9 @@ class PurposeConfig:
         values = {
             "codes": sec.text_list("codes", pattern=_CODE_PATTERN, non_empty=True),
             "case_pattern": sec.text("case_pattern", d.case_pattern, max_len=512),
-            "max_case_len": sec.integer("max_case_len", d.max_case_len, minimum=1, maximum=256),
-            "max_text_len": sec.integer("max_text_len", d.max_text_len, minimum=1, maximum=4000),
-            "min_text_len": sec.integer("min_text_len", d.min_text_len, minimum=1, maximum=4000),
+            "max_case_len": sec.integer("max_case_len", d.max_case_len, minimum=1, maximum=_MAX_CASE_LEN),
+            "max_text_len": sec.integer("max_text_len", d.max_text_len, minimum=1, maximum=_MAX_TEXT_LEN),
+            "min_text_len": sec.integer("min_text_len", d.min_text_len, minimum=1, maximum=_MAX_TEXT_LEN),
         }
         try:
             out = cls(**values)
@@ -154,12 +160,38 @@ def decode_text(value: str, *, max_len: int) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidArgument(f"{PURPOSE_TEXT_KEY} is not percent-encoded UTF-8 ({exc.reason})") from exc
+    _check_characters(text, PURPOSE_TEXT_KEY)
+    return unicodedata.normalize("NFC", text).strip(" ")
+
+
+def _check_characters(text: str, what: str) -> None:
     for ch in text:
         category = unicodedata.category(ch)
         if category in _REFUSED_CATEGORIES:
             name = unicodedata.name(ch, f"U+{ord(ch):04X}")
-            raise InvalidArgument(f"{PURPOSE_TEXT_KEY} contains a refused character {name} (category {category})")
-    return unicodedata.normalize("NFC", text).strip(" ")
+            raise InvalidArgument(f"{what} contains a refused character {name} (category {category})")
+
+
+def check_carried(purpose: Purpose) -> None:
+    """Check a purpose carried in a request envelope by the rules every force's gateway keeps; `InvalidArgument`.
+
+    The origin checked it against its own force's codes and case pattern (`parse_purpose`); the
+    host cannot know those, but refuses what no gateway would have sent: a code outside the codes'
+    syntax, a case reference that is not printable ASCII without spaces or is over 256
+    characters, and free text of 1 to 4,000 characters with a refused character, not in NFC or
+    with spaces around it. They go into the host's audit record and the backend's headers.
+    """
+    if not re.fullmatch(_CODE_PATTERN, purpose.justification):
+        raise InvalidArgument(f"justification code {purpose.justification[:40]!r} is not a code ({_CODE_PATTERN})")
+    case = purpose.case_reference
+    if len(case) > _MAX_CASE_LEN or not _CASE_CHARS.fullmatch(case):
+        raise InvalidArgument(f"case reference must be 1 to {_MAX_CASE_LEN} characters of printable ASCII, no spaces")
+    text = purpose.text
+    if not 1 <= len(text) <= _MAX_TEXT_LEN:
+        raise InvalidArgument(f"purpose text is {len(text)} characters, not 1 to {_MAX_TEXT_LEN}")
+    _check_characters(text, "purpose text")
+    if unicodedata.normalize("NFC", text).strip(" ") != text:
+        raise InvalidArgument("purpose text is not in NFC, or has spaces around it")
 
 
 def parse_purpose(fields: Mapping[str, str], config: PurposeConfig) -> Purpose:

@@ -512,9 +512,14 @@ class EnvelopeStage:
 
     name = "envelope"
 
-    def __init__(self, verifier: EnvelopeVerifier, clock: Clock | None = None) -> None:
+    def __init__(
+        self, verifier: EnvelopeVerifier, clock: Clock | None = None, *, max_forwarded_bytes: int | None = None
+    ) -> None:
         self._verifier = verifier
         self._clock = clock or SystemClock()
+        #: the most metadata this host forwards to a backend (`[limits] max_forwarded_metadata_bytes`), as
+        #: at the local edge: past it the backend's grpc refuses the call and names every header in its text
+        self._max_forwarded = max_forwarded_bytes
 
     async def __call__(self, call: Call) -> None:
         """Verify the envelope in `call.relay_request`; fill the call from it."""
@@ -529,6 +534,11 @@ class EnvelopeStage:
             raise InvalidArgument("relay call did not start with an envelope")
         verified = self._verifier.verify_envelope(signed, peer=call.peer)
         env: Envelope = verified.value
+        forwarded = sum(len(k) + len(v) for k, v in env.metadata)
+        if self._max_forwarded is not None and forwarded > self._max_forwarded:
+            raise InvalidArgument(
+                f"envelope metadata to forward is {forwarded} bytes, larger than the {self._max_forwarded} allowed"
+            )
         if isinstance(request, relay_pb2.UnaryRelayRequest):
             if env.call_type is not CallType.UNARY:
                 raise InvalidArgument(f"envelope for a {env.call_type} call on the unary relay")

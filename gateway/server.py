@@ -261,7 +261,9 @@ class Gateway:
         )
         self.peer_pipeline = Pipeline(
             [
-                EnvelopeStage(self.envelope_verifier, self.clock),
+                EnvelopeStage(
+                    self.envelope_verifier, self.clock, max_forwarded_bytes=limits.max_forwarded_metadata_bytes
+                ),
                 RouteStage(self.directory, force=self.force, listener=Listener.PEER),
                 DeadlineStage(default=limits.default_deadline, maximum=limits.max_deadline, clock=self.clock),
                 RateLimitStage(self.rate_limiter, own_force=self.force),

@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from gateway import client
 from gateway._proto.psn.demo.casefiles.v1 import casefiles_pb2
 from gateway._proto.psn.demo.intel.v1 import intel_pb2
 from gateway._proto.psn.gateway.v1 import relay_pb2
+from gateway.directory import CallType
 from gateway.envelope import Signer, envelope_body
 from gateway.purpose import encode_text
 from tests.certcases import load_testcases
@@ -275,6 +276,19 @@ def _server_stream(ctx: Ctx, messages: list[bytes]) -> Outcome:
     env = p.envelope(STREAM_MATCHES, message=SEARCH_MSG, officer=ctx.officer)
     frames = [envelope_frame(p.sign(env)), *(message_frame(i, m) for i, m in enumerate(messages))]
     return relay(p.stream(*frames, via=ctx.stream_via))
+
+
+def _posed_as_client_stream(ctx: Ctx) -> list[relay_pb2.RelayFrame]:
+    """StreamMatches (a server stream) under a client-stream envelope, which signs no request message."""
+    p = ctx.peer(SURREY, TV)
+    env = p.with_(
+        p.envelope(STREAM_MATCHES, officer=ctx.officer),
+        call_type=CallType.CLIENT_STREAM,
+        messages_digest=None,
+        message_count=0,
+    )
+    unsigned = intel_pb2.SearchRequest(subject="not what anyone signed").SerializeToString()
+    return [envelope_frame(p.sign(env)), message_frame(0, unsigned)]
 
 
 def _seal_of_another_call(p: RawPeer, env: Any, signed: relay_pb2.Signed) -> list[Any]:
@@ -668,6 +682,21 @@ def _relay_cases() -> dict[str, Any]:
             "INVALID_ARGUMENT",
             Audit("envelope", "on the unary relay", by_officer=False),
         ),
+        "relay: purpose with a forged line inside the envelope": Case(
+            lambda c: _unary(c, lambda p, e: p.with_(e, purpose=replace(e.purpose, text="ok\nofficer: DCI-9"))),
+            "INVALID_ARGUMENT",
+            Audit("envelope", "refused character U+000A", by_officer=False),
+        ),
+        "relay: justification code with a header break inside the envelope": Case(
+            lambda c: _unary(c, lambda p, e: p.with_(e, purpose=replace(e.purpose, justification="a\r\nx-b: c"))),
+            "INVALID_ARGUMENT",
+            Audit("envelope", "is not a code", by_officer=False),
+        ),
+        "relay: envelope metadata over what the host forwards to a backend": Case(
+            lambda c: _unary(c, lambda p, e: p.with_(e, metadata=(("x-filler", b"a" * 7000),))),
+            "INVALID_ARGUMENT",
+            Audit("envelope", "larger than the 6144 allowed", by_officer=False),
+        ),
         "relay: authorization inside the envelope": Case(
             lambda c: _unary(c, lambda p, e: p.with_(e, metadata=(("authorization", b"Bearer x"),))),
             "INVALID_ARGUMENT",
@@ -714,6 +743,11 @@ def _stream_cases() -> dict[str, Case]:
             "INVALID_ARGUMENT",
             Audit("envelope", "did not start with an envelope", by_officer=False),
             at=SURREY,
+        ),
+        "stream: a server stream posed as a client stream (its request unsigned, no seal)": Case(
+            lambda c: relay(c.peer(SURREY, TV).stream(*_posed_as_client_stream(c), via=c.stream_via)),
+            "INVALID_ARGUMENT",
+            Audit("route", "signs a client_stream call, but"),
         ),
         "stream: a unary envelope on the stream relay": Case(
             lambda c: relay(

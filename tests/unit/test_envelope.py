@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -521,6 +522,53 @@ ENVELOPE_CASES: list[tuple[str, Callable[[World], relay_pb2.Signed], str, type[E
         "belong in the request seal",
     ),
     (
+        "purpose text with a newline (a forged line in the audit record)",
+        lambda w: resign(
+            w.net.signers[HA],
+            envelope_body(w.envelope(purpose=Purpose("investigation", "OP-1", "looking\nofficer: someone-else"))),
+        ),
+        HA,
+        InvalidArgument,
+        "refused character U+000A (category Cc)",
+    ),
+    (
+        "purpose text with a right-to-left override",
+        lambda w: resign(
+            w.net.signers[HA], envelope_body(w.envelope(purpose=Purpose("investigation", "OP-1", "case \u202e51-po")))
+        ),
+        HA,
+        InvalidArgument,
+        "refused character RIGHT-TO-LEFT OVERRIDE",
+    ),
+    (
+        "purpose text not in NFC",
+        lambda w: resign(
+            w.net.signers[HA], envelope_body(w.envelope(purpose=Purpose("investigation", "OP-1", "Te\u0301moin")))
+        ),
+        HA,
+        InvalidArgument,
+        "not in NFC",
+    ),
+    (
+        "justification code with CR LF (it goes into the backend's headers)",
+        lambda w: resign(
+            w.net.signers[HA],
+            envelope_body(w.envelope(purpose=Purpose("investigation\r\nx-evil: 1", "OP-1", "reason"))),
+        ),
+        HA,
+        InvalidArgument,
+        "is not a code",
+    ),
+    (
+        "case reference that is not ASCII",
+        lambda w: resign(
+            w.net.signers[HA], envelope_body(w.envelope(purpose=Purpose("investigation", "OP-café", "reason")))
+        ),
+        HA,
+        InvalidArgument,
+        "printable ASCII, no spaces",
+    ),
+    (
         "token relayed in metadata",
         lambda w: w.signed(metadata=(("authorization", b"Bearer x"),)),
         HA,
@@ -878,7 +926,12 @@ _metadata = st.lists(
     ),
     max_size=5,
 ).map(tuple)
-_text = st.text(min_size=1, max_size=50)
+#: free text a gateway sends: no refused character (`gateway.purpose`), NFC, no spaces around it
+_text = (
+    st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), min_size=1, max_size=50)
+    .map(lambda t: unicodedata.normalize("NFC", t).strip(" "))
+    .filter(bool)
+)
 
 
 @st.composite
