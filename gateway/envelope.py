@@ -738,7 +738,8 @@ class EnvelopeVerifier:
                 raise InvalidArgument(f"envelope deadline is more than {self._max_deadline:g} s after its issue time")
             if env.deadline <= now:
                 raise DeadlineExceeded(f"envelope deadline passed {now - env.deadline:.3f} s ago")
-        if not self._replay.remember(f"{env.origin_force}/{env.request_id}", env.issued_at + self._window, now):
+        key = f"{env.origin_force}/{env.request_id}"
+        if not self._replay.remember(key, env.issued_at + self._window, now, force=env.origin_force):
             raise Unauthenticated(f"replayed request id {env.request_id} from force {env.origin_force}")
         return Verified(env, digest, signer, signed.signature, signed.body)
 

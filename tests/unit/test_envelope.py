@@ -614,6 +614,12 @@ def test_a_replayed_request_id_is_refused(world: World) -> None:
     assert "replayed request id" in refused(Unauthenticated, lambda: world.verify(signed))
 
 
+def test_request_ids_count_against_their_origin_forces_share_of_the_replay_store(world: World) -> None:
+    world.verifier._replay = world.replay = InMemoryReplayStore(max_entries=2)  # one id per origin force
+    world.verify(world.signed())
+    assert "force hampshire holds 1 request ids" in refused(ResourceExhausted, lambda: world.verify(world.signed()))
+
+
 def test_a_replay_after_the_window_is_refused_by_the_time_check(world: World) -> None:
     signed = world.signed(deadline=None)
     world.verify(signed)

@@ -37,13 +37,64 @@ def test_eviction_follows_expiry_not_arrival() -> None:
 
 
 def test_a_full_store_refuses_instead_of_forgetting() -> None:
-    store = InMemoryReplayStore(max_entries=2)
+    store = InMemoryReplayStore(max_entries=2, max_force_share=1.0)
     store.remember("a", expires_at=200, now=100)
     store.remember("b", expires_at=200, now=100)
     with pytest.raises(ResourceExhausted, match="refusing rather than forgetting"):
         store.remember("c", expires_at=200, now=100)
     assert not store.remember("a", expires_at=200, now=100)  # "a" was not forgotten to make room
     assert store.remember("c", expires_at=300, now=201)  # room again once a and b expire
+
+
+def test_one_force_fills_only_its_share_and_the_others_still_find_room() -> None:
+    # A peer that floods the host with envelopes must not lock every other force out.
+    store = InMemoryReplayStore(max_entries=4)
+    assert store.remember("hampshire/1", expires_at=200, now=100, force="hampshire")
+    assert store.remember("hampshire/2", expires_at=200, now=100, force="hampshire")
+    with pytest.raises(ResourceExhausted, match="force hampshire holds 2 request ids"):
+        store.remember("hampshire/3", expires_at=200, now=100, force="hampshire")
+    assert store.remember("surrey/1", expires_at=200, now=100, force="surrey")
+    assert not store.remember("hampshire/1", expires_at=200, now=100, force="hampshire")  # still a replay
+    assert store.remember("hampshire/3", expires_at=300, now=201, force="hampshire")  # its share frees as ids expire
+
+
+def test_the_shared_store_keeps_the_same_shares(tmp_path: Path) -> None:
+    from gateway.replay import SqliteReplayStore
+
+    store = SqliteReplayStore(tmp_path / "replay.db", max_entries=4)
+    assert store.remember("hampshire/1", 200.0, 100.0, force="hampshire")
+    assert store.remember("hampshire/2", 200.0, 100.0, force="hampshire")
+    with pytest.raises(ResourceExhausted, match="force hampshire holds 2 request ids"):
+        store.remember("hampshire/3", 200.0, 100.0, force="hampshire")
+    assert store.remember("surrey/1", 200.0, 100.0, force="surrey")
+    store.close()
+    again = SqliteReplayStore(tmp_path / "replay.db", max_entries=4)  # the shares are counted from the file
+    with pytest.raises(ResourceExhausted, match="force hampshire holds 2"):
+        again.remember("hampshire/3", 200.0, 100.0, force="hampshire")
+    again.close()
+
+
+def test_a_shared_store_file_from_before_the_shares_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gateway.replay import SqliteReplayStore
+
+    path = tmp_path / "replay.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE replay (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
+    old.execute("INSERT INTO replay VALUES ('surrey/1', 200.0)")
+    old.commit()
+    old.close()
+    store = SqliteReplayStore(path, max_entries=4)
+    assert not store.remember("surrey/1", 200.0, 100.0, force="surrey")  # what the old file held still counts
+    assert store.remember("surrey/2", 200.0, 100.0, force="surrey")
+    store.close()
+
+
+def test_max_force_share_must_be_a_fraction() -> None:
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="max_force_share"):
+            InMemoryReplayStore(max_entries=10, max_force_share=share)
 
 
 def test_an_already_expired_id_is_not_stored() -> None:
