@@ -25,8 +25,10 @@ Example (gateway config)::
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -35,7 +37,7 @@ from gateway.errors import ResourceExhausted
 from gateway.pipeline import Call
 from gateway.tomlconf import Section
 
-__all__ = ["Limit", "RateLimitConfig", "RateLimitStage", "RateLimiter"]
+__all__ = ["Limit", "PlaceShares", "RateLimitConfig", "RateLimitStage", "RateLimiter"]
 
 UNKNOWN = "_unknown"
 
@@ -158,3 +160,37 @@ class RateLimitStage:
         origin = call.origin_force or (call.peer.force if call.peer is not None else self._own)
         units = call.principal.units if call.principal is not None else ()
         self._limiter.take(origin, units)
+
+
+class PlaceShares:
+    """Long-lived places (relay links, relay channels, relay streams) held at once, at most `limit` per force.
+
+    The rate limits count calls; a peer can also hold places open without calling (links and
+    channels kept idle, streams that never finish), and the listener's own caps are shared by
+    every force. With a share each, one force that takes all it may still leaves room for the
+    others. `hold` raises `ResourceExhausted` for a force that holds its share already.
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError("a share needs at least one place")
+        self.limit = limit
+        self._what = what
+        self._held: collections.Counter[str] = collections.Counter()
+
+    def held(self, force: str) -> int:
+        """How many places `force` holds now."""
+        return self._held[force]
+
+    @contextlib.contextmanager
+    def hold(self, force: str) -> Iterator[None]:
+        """Hold one place for `force` while the block runs."""
+        if self._held[force] >= self.limit:
+            raise ResourceExhausted(f"force {force} holds {self.limit} {self._what} already, its share")
+        self._held[force] += 1
+        try:
+            yield
+        finally:
+            self._held[force] -= 1
+            if not self._held[force]:
+                del self._held[force]

@@ -53,6 +53,7 @@ from gateway.tls import KeyPair
 
 __all__ = [
     "ALPN",
+    "MAX_LINKS",
     "LinkConnection",
     "LinkTarget",
     "RelayLinkListener",
@@ -369,6 +370,9 @@ class TlsLink:
             self._connection.abort()
 
 
+#: the most links a relay listener serves at once (each peer force may hold half: `gateway.ratelimit.PlaceShares`)
+MAX_LINKS = 256
+
 #: The gateway's handler for one accepted link: the peer's certificate (DER) and the connection.
 LinkHandler = Callable[[bytes, LinkConnection], Awaitable[None]]
 
@@ -396,7 +400,7 @@ class RelayLinkListener:
         handle: LinkHandler,
         reuse_port: bool,
         max_frame: int,
-        max_links: int = 256,
+        max_links: int = MAX_LINKS,
         max_handshakes: int = 64,
         max_handshakes_per_address: int = 16,
     ) -> None:

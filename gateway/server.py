@@ -44,7 +44,15 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig, LimitsConfig
 from gateway.directory import CallType, NetworkDirectory, load_directory
 from gateway.envelope import EnvelopeVerifier, MessageDigest, Signer, seal_response
-from gateway.errors import ConfigError, GatewayError, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from gateway.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from gateway.forward import BackendUpstream, Downstream, Metadata, Reply, Upstream, backend_unary, pump_stream
 from gateway.identity import TrustStore, Usage, load_trust_store
 from gateway.metadata import backend_metadata
@@ -73,10 +81,11 @@ from gateway.policy import (
     ShadowPolicy,
     load_policy,
 )
-from gateway.ratelimit import RateLimiter, RateLimitStage
+from gateway.ratelimit import PlaceShares, RateLimiter, RateLimitStage
 from gateway.relay import EnvelopeStage, RelayClient, RelayHostDownstream, response_seal_for, sealable
 from gateway.relaylink import (
     FRAME_OVERHEAD,
+    MAX_LINKS,
     LinkConnection,
     LinkTarget,
     RelayLinkListener,
@@ -114,6 +123,8 @@ class Recorder(Protocol):
 
 #: The method name in the records of relay link calls refused before their envelope verified.
 LINK_METHOD = "/psn.gateway.v1.Relay/Link"
+#: how long a `Relay/Stream` RPC may take to send its envelope, its first frame
+FIRST_FRAME_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,18 @@ class _Ports:
 def _batch_hold(limits: LimitsConfig) -> BatchHold | None:
     """How relay channels pack calls when busy (`[limits] relay_batch_*`); None when the delay is 0."""
     return BatchHold(limits.relay_batch_delay, limits.relay_batch_siblings) if limits.relay_batch_delay > 0 else None
+
+
+def _place_shares(limits: LimitsConfig) -> tuple[PlaceShares, PlaceShares]:
+    """Each peer force's share of the relay listener's links, and of the peer listener's long-lived RPCs.
+
+    Half of each (relay channels and streams are the RPCs): one force holding all it may still leaves
+    the others room.
+    """
+    return (
+        PlaceShares(MAX_LINKS // 2, "relay links"),
+        PlaceShares(max(1, limits.max_concurrent_calls // 2), "relay channels and streams"),
+    )
 
 
 def _peer_certificate(context: Context) -> bytes | None:
@@ -170,6 +193,8 @@ class Gateway:
     _calls_now = 0
     #: of them, unary calls: each brings a record within moments (a stream may stay open for hours)
     _unary_now = 0
+    #: when the last warning of a certificate near its expiry was logged (the clock's seconds)
+    _last_expiry_warning = 0.0
 
     def __init__(
         self,
@@ -271,8 +296,8 @@ class Gateway:
             ],
             observe=observe,
         )
+        self._link_shares, self._rpc_shares = _place_shares(limits)
         self._admin: AdminServer | None = None
-        self._last_expiry_warning = 0.0
         self.reload_hooks: list[Callable[[], None]] = []
         self.reload_errors: list[str] = []
         self.expiring: list[tuple[str, float]] = []
@@ -1107,7 +1132,8 @@ class Gateway:
     ) -> None:
         """Serve one relay channel: the peer is checked once to open it and again for every call on it.
 
-        `end` records (and, on gRPC, answers) a refusal of the channel itself.
+        The peer's force holds one of its places (`PlaceShares`: links, or the peer listener's RPCs)
+        while the channel is open. `end` records (and, on gRPC, answers) a refusal of the channel itself.
         """
         opening = self._mux_call(certificate, method)
         try:
@@ -1152,8 +1178,11 @@ class Gateway:
             max_frame=self._max_link_frame if method == LINK_METHOD else self.config.limits.max_message_bytes,
             draining=self._draining,
         )
+        shares = self._link_shares if method == LINK_METHOD else self._rpc_shares
+        assert opening.peer is not None  # noqa: S101  # the peer-identity stage sets it
         try:
-            await host.serve()
+            with shares.hold(opening.peer.force):
+                await host.serve()
         except GatewayError as exc:
             await end(opening, exc)
 
@@ -1204,21 +1233,31 @@ class Gateway:
         )
         return code
 
-    async def peer_stream(self, context: PeerContext) -> None:
-        """A streaming call relayed by another force's gateway."""
-        with self._in_flight(Listener.PEER):
-            await self._peer_stream(context)
+    async def peer_stream(self, context: PeerContext, *, rpc: bool = False) -> None:
+        """A streaming call relayed by another force's gateway: its own `Relay/Stream` RPC (`rpc`), or on a channel.
 
-    async def _peer_stream(self, context: PeerContext) -> None:
-        call = self.new_call(Listener.PEER, _RELAY_STREAM, context)
+        A `Relay/Stream` RPC holds one of its force's places on the peer listener (`PlaceShares`)
+        while it runs, and must send its envelope within `FIRST_FRAME_SECONDS`; a stream on a
+        channel or link is bounded by the channel's own cap on calls in flight.
+        """
+        with self._in_flight(Listener.PEER):
+            call = self.new_call(Listener.PEER, _RELAY_STREAM, context)
+            try:
+                await self.peer_identity.admit(call)
+                assert call.peer is not None  # noqa: S101  # the peer-identity stage sets it
+                with self._rpc_shares.hold(call.peer.force) if rpc else contextlib.nullcontext():
+                    await self._peer_stream(call, context)
+            except GatewayError as exc:
+                await self.refuse(call, exc, context)
+
+    async def _peer_stream(self, call: Call, context: PeerContext) -> None:
         downstream: RelayHostDownstream | None = None
         opened = False
         try:
             try:
-                await self.peer_identity.admit(call)
-            except GatewayError as exc:
-                await self.refuse(call, exc, context)
-            first = await context.read()
+                first = await asyncio.wait_for(context.read(), FIRST_FRAME_SECONDS)
+            except TimeoutError:
+                raise DeadlineExceeded(f"relay stream sent no envelope within {FIRST_FRAME_SECONDS:g} s") from None
             if first is grpc.aio.EOF:
                 await self.refuse(call, InvalidArgument("relay stream closed before its envelope"), context)
             call.relay_request = first
@@ -1293,7 +1332,7 @@ class _PeerHandler(grpc.GenericRpcHandler):
 
 
 async def _peer_stream_entry(gateway: Gateway, _requests: Any, context: PeerContext) -> None:
-    await gateway.peer_stream(context)
+    await gateway.peer_stream(context, rpc=True)
 
 
 async def _peer_mux_entry(gateway: Gateway, _requests: Any, context: PeerContext) -> None:

@@ -96,3 +96,23 @@ def test_stage_uses_origin_and_units() -> None:
     asyncio.run(stage(call))
     with pytest.raises(ResourceExhausted):
         asyncio.run(stage(call))
+
+
+def test_a_force_holds_at_most_its_share_of_places_and_gets_them_back() -> None:
+    from gateway.ratelimit import PlaceShares
+
+    shares = PlaceShares(2, "relay links")
+    with shares.hold("hampshire"), shares.hold("hampshire"):
+        with (
+            pytest.raises(ResourceExhausted, match="force hampshire holds 2 relay links already, its share"),
+            shares.hold("hampshire"),
+        ):
+            pass
+        with shares.hold("surrey"):  # another force's places are its own
+            assert (shares.held("hampshire"), shares.held("surrey")) == (2, 1)
+    assert shares.held("hampshire") == 0
+    with pytest.raises(RuntimeError), shares.hold("hampshire"):
+        raise RuntimeError("a channel that ends in error gives its place back too")
+    assert shares.held("hampshire") == 0
+    with pytest.raises(ValueError):
+        PlaceShares(0, "relay links")
