@@ -23,6 +23,7 @@ import grpc
 
 from gateway import client
 from gateway._proto.psn.demo.intel.v1 import intel_pb2, intel_pb2_grpc
+from gateway.errors import ConfigError
 from gateway.principal import Purpose
 
 
@@ -41,7 +42,11 @@ def main() -> int:
     parser.add_argument("--text", default="Vehicle sighting follow-up", help="why you are searching")
     args = parser.parse_args()
 
-    endpoint = client.from_manifest(args.manifest, args.force)
+    try:
+        endpoint = client.from_manifest(args.manifest, args.force)
+    except ConfigError as exc:  # a missing or wrong manifest, a force it does not name
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     token = endpoint.unsafe_dev_token(  # demo only: a real app passes its IdP session's token callback
         officer=args.officer, units=args.units or ["serocu"], roles=args.roles or ["analyst"], clearance=args.clearance
     )

@@ -63,6 +63,8 @@ def _run(coro: object) -> int:
 async def _up(root: Path) -> int:
     from gateway.demo.network import DemoNetwork, write_network  # noqa: PLC0415  # keep `--help` fast
 
+    if root.exists() and not root.is_dir():
+        raise ConfigError("not a folder; give a new or empty folder", file=root)
     if root.exists() and any(root.iterdir()):
         raise ConfigError("folder is not empty; give a new or empty folder", file=root)
     network = DemoNetwork(write_network(root))

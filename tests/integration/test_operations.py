@@ -136,6 +136,18 @@ def test_logs_are_json_lines_with_the_request_id(tmp_path: Path) -> None:
     assert any(e["logger"] == "psngw.serve" and "stop signal" in e["message"] for e in lines)
 
 
+def test_demo_up_refuses_a_folder_in_use_or_a_file_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    for name, said in (("used", "folder is not empty"), ("a-file", "not a folder")):
+        argv = [sys.executable, "-m", "gateway.cli", "demo", "up", "--dir", str(tmp_path / name)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_demo_up_writes_a_manifest_clients_can_use(tmp_path: Path) -> None:
     folder = tmp_path / "demo-net"
     process = subprocess.Popen(

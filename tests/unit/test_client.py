@@ -460,3 +460,20 @@ def test_the_example_calls_through_a_manifest(tmp_path: Path, certs: dict[str, P
     assert result.returncode == 0, result.stderr
     assert "psn-purpose-code  []  : investigation" in result.stdout
     assert "psn-purpose-text  []  : T%C3%A9moin" in result.stdout
+
+
+def test_the_example_names_a_bad_manifest_or_force_without_a_traceback(tmp_path: Path, certs: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "call_intel_search.py"
+    app = {"name": "analyst-desk", "cert": str(certs["cert"]), "key": str(certs["key"])}
+    path = _manifest(tmp_path, certs, app=app)
+    for args, said in (
+        ([str(tmp_path / "missing.json"), "ALPHA"], "missing.json: cannot read manifest"),
+        ([str(path), "ALPHA", "--force", "kent"], "force 'kent' is not in the manifest"),
+    ):
+        argv = [sys.executable, str(example), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
