@@ -75,6 +75,7 @@ __all__ = [
     "STATUS_DETAILS",
     "CallMetadata",
     "backend_metadata",
+    "check_forwarded_size",
     "check_relayed_metadata",
     "from_relay_entries",
     "is_transport_key",
@@ -253,6 +254,17 @@ def check_relayed_metadata(
             total += _check_entry(key, text)
         if total > max_total_bytes:
             raise InvalidArgument(f"relayed metadata larger than {max_total_bytes} bytes")
+
+
+def check_forwarded_size(md: Iterable[tuple[str, str | bytes]], max_bytes: int, *, what: str) -> None:
+    """`InvalidArgument` if the metadata a gateway would forward to a backend is over `max_bytes`.
+
+    The size is the sum of keys and values (`[limits] max_forwarded_metadata_bytes`): past grpc's
+    own limit the backend refuses the call with a text that names every header, the gateway's too.
+    """
+    forwarded = sum(len(k) + len(v) for k, v in md)
+    if forwarded > max_bytes:
+        raise InvalidArgument(f"{what} is {forwarded} bytes, larger than the {max_bytes} allowed")
 
 
 def to_relay_entries(md: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, bytes], ...]:

@@ -25,7 +25,7 @@ from gateway.directory import NetworkDirectory, Route
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.identity import PeerIdentity, TrustStore, Usage
 from gateway.ids import new_id
-from gateway.metadata import split_metadata
+from gateway.metadata import check_forwarded_size, split_metadata
 from gateway.policy.values import Decision, DecisionRequest
 from gateway.principal import Principal, Purpose
 from gateway.purpose import PURPOSE_KEYS, PurposeConfig, parse_purpose
@@ -264,11 +264,7 @@ class MetadataStage:
     async def __call__(self, call: Call) -> None:
         """Refuse the gateway's own headers and oversized metadata; keep the rest apart."""
         md = split_metadata(call.metadata, max_entries=self.max_entries, max_total_bytes=self.max_bytes)
-        forwarded = sum(len(k) + len(v) for k, v in md.passthrough)
-        if forwarded > self.max_forwarded_bytes:
-            raise InvalidArgument(
-                f"metadata to forward is {forwarded} bytes, larger than the {self.max_forwarded_bytes} allowed"
-            )
+        check_forwarded_size(md.passthrough, self.max_forwarded_bytes, what="metadata to forward")
         call.token = md.token
         call.purpose_fields = md.purpose_fields
         call.passthrough = md.passthrough

@@ -49,7 +49,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.forward import Metadata, Reply
-from gateway.metadata import check_relayed_metadata, from_relay_entries, to_relay_entries
+from gateway.metadata import check_forwarded_size, check_relayed_metadata, from_relay_entries, to_relay_entries
 from gateway.mux import MuxClient, MuxUnsupported
 from gateway.pipeline import Call
 from gateway.tls import ChannelPool
@@ -534,11 +534,8 @@ class EnvelopeStage:
             raise InvalidArgument("relay call did not start with an envelope")
         verified = self._verifier.verify_envelope(signed, peer=call.peer)
         env: Envelope = verified.value
-        forwarded = sum(len(k) + len(v) for k, v in env.metadata)
-        if self._max_forwarded is not None and forwarded > self._max_forwarded:
-            raise InvalidArgument(
-                f"envelope metadata to forward is {forwarded} bytes, larger than the {self._max_forwarded} allowed"
-            )
+        if self._max_forwarded is not None:
+            check_forwarded_size(env.metadata, self._max_forwarded, what="envelope metadata to forward")
         if isinstance(request, relay_pb2.UnaryRelayRequest):
             if env.call_type is not CallType.UNARY:
                 raise InvalidArgument(f"envelope for a {env.call_type} call on the unary relay")
