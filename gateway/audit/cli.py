@@ -97,7 +97,13 @@ def _add_verify_and_prove(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    e = sub.add_parser("export", help="a self-contained bundle of records with proofs, checkpoint and keys")
+    e = sub.add_parser(
+        "export",
+        help="a self-contained bundle of records with proofs, checkpoint and keys",
+        description="Write a bundle of the run of records from the first to the last in the time range (every"
+        " record between them included), each with its inclusion proof in the latest checkpoint, that"
+        " checkpoint with its cosignatures, and the keys.",
+    )
     e.add_argument("db", type=Path, help="the audit log database")
     e.add_argument("--since", help="from this time (inclusive)")
     e.add_argument("--until", help="up to this time (exclusive)")
@@ -105,7 +111,12 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _access_options(e)
     e.set_defaults(func=_cmd_export)
 
-    b = sub.add_parser("verify-bundle", help="check an exported bundle")
+    b = sub.add_parser(
+        "verify-bundle",
+        help="check an exported bundle",
+        description="Check a bundle on its own: the checkpoint's signature and cosignatures, each record's bytes"
+        " and inclusion proof, and that it holds every record of the run it states, each once and in order.",
+    )
     b.add_argument("bundle", type=Path, help="the bundle file")
     _key_options(b)
     b.add_argument("--json", action="store_true", help="the report as JSON")
@@ -238,8 +249,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     tools.write_bundle(args.out, bundle)
     for note in notes:
         print(f"psngw: {note}", file=sys.stderr)
-    cp = bundle["checkpoint"]
-    print(f"wrote {args.out}: {len(bundle['records'])} records, proven against the checkpoint of size {cp['size']}")
+    cp, start, end = bundle["checkpoint"], bundle["start_index"], bundle["end_index"]
+    run = f" ({start}..{end - 1})" if end > start else ""
+    print(
+        f"wrote {args.out}: {len(bundle['records'])} records{run}, proven against the checkpoint of size {cp['size']}"
+    )
     return 0
 
 

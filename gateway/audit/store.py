@@ -135,6 +135,9 @@ _SCHEMA = (
     "CREATE TABLE probe (x BLOB) STRICT",
 )
 
+#: The tables of the schema, every one of which a log of this format has.
+_TABLES = tuple(statement.split()[2] for statement in _SCHEMA)
+
 _INDEX_KEY = b'"index":'
 _IDLE_WAIT = 0.2  # real seconds between the checkpointer's looks at its clock when idle
 _PROBE_BYTES = 8192
@@ -344,8 +347,10 @@ def scan_records(
     The rows should start at log position `start`. Returns the leaf hashes computed from the bytes
     (what the tree is built from), up to `limit` findings, and the position of the first finding
     (or the position after the last row if none). A finding is
-    a gap in the indexes (records missing), bytes that do not hash to the stored leaf hash (a record
-    changed), or bytes that claim another index (records moved, inserted or deleted and renumbered).
+    a gap in the indexes (records missing: one finding per gap, naming the missing range), bytes
+    that do not hash to the stored leaf hash (a record changed), or bytes that claim another index
+    (records moved, inserted or deleted and renumbered). After a gap the rows that follow are
+    checked at their own indexes, so one deleted record is one finding, not one per later record.
     """
     hashes: list[bytes] = []
     findings: list[RecordFinding] = []
@@ -362,7 +367,8 @@ def scan_records(
             for finding in problems:
                 if len(findings) < limit:
                     findings.append(finding)
-        position += 1
+        # Rows come in index order: after a gap, the next row is expected right after this one.
+        position = idx + 1
     return hashes, findings, position if first_bad is None else first_bad
 
 
@@ -457,14 +463,33 @@ class LogReader:
             self.conn.execute("COMMIT")
 
     def check_format(self) -> None:
-        """Raise `ConfigError` unless this database is an audit log of the format this code writes."""
+        """Raise `ConfigError` unless this database is an audit log of the format this code writes.
+
+        The message says what is wrong: no ``meta`` table or no format in it (not an audit log),
+        another format, or (the right format) tables of the schema that are missing.
+        """
         try:
             tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             fmt = self.meta("format") if "meta" in tables else None
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"not an audit log: {exc}", file=self.path) from exc
-        if fmt != LOG_FORMAT or not {"records", "checkpoints", "cosignatures", "log_keys"} <= tables:
-            raise ConfigError(f"not an audit log (format {fmt!r}, want {LOG_FORMAT!r})", file=self.path)
+        if "meta" not in tables:
+            raise ConfigError("not an audit log: it has no meta table to name its format", file=self.path)
+        if fmt is None:
+            raise ConfigError("not an audit log: its meta table names no format", file=self.path)
+        if fmt != LOG_FORMAT:
+            raise ConfigError(
+                f"not an audit log of this version: its format is {fmt!r}, not {LOG_FORMAT!r}", file=self.path
+            )
+        missing = [name for name in _TABLES if name not in tables]
+        if missing:
+            names = ", ".join(missing)
+            verb = "is" if len(missing) == 1 else "are"
+            raise ConfigError(
+                f"a damaged audit log: it has the format {fmt!r} but its {names} table{'s' * (len(missing) > 1)}"
+                f" {verb} missing (dropped, or the file is damaged)",
+                file=self.path,
+            )
 
     def meta(self, key: str) -> str | None:
         """A value of the ``meta`` table."""
@@ -482,6 +507,11 @@ class LogReader:
     def count(self) -> int:
         """The number of stored records."""
         return int(self.conn.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def end(self) -> int:
+        """The index after the last stored record (0 if none): the log's length, counting any gap in it."""
+        row = self.conn.execute("SELECT max(idx) FROM records").fetchone()
+        return 0 if row is None or row[0] is None else int(row[0]) + 1
 
     def rows(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes, bytes]]:
         """Stored rows (idx, leaf_hash, data) with start <= idx < end, in index order, streamed."""
@@ -1204,7 +1234,9 @@ class AuditLog:
         rows = LogReader(conn, self.config.db).rows(start)
         hashes, findings, _ = scan_records(rows, start=start, limit=1)
         if findings:
-            raise LogCorrupted(f"rows appended by another process are damaged: {findings[0].message}")
+            raise LogCorrupted(
+                f"rows appended by another process are damaged: {findings[0].message}", file=self.config.db
+            )
         return hashes
 
     def _checkpoint(self) -> None:
@@ -1236,7 +1268,8 @@ class AuditLog:
                 note = parse_note(bytes(held[1]))
             else:
                 raise LogCorrupted(
-                    f"a checkpoint of size {size} with another root is already stored: two checkpointers on one log?"
+                    f"a checkpoint of size {size} with another root is already stored: two checkpointers on one log?",
+                    file=self.config.db,
                 )
             if self._faults is not None:
                 self._faults("commit")
@@ -1297,7 +1330,9 @@ class AuditLog:
             if size:
                 row = conn.execute("SELECT leaf_hash FROM records WHERE idx = ?", (size - 1,)).fetchone()
                 if row is None or bytes(row[0]) != self._tree.leaf(size - 1):
-                    raise LogCorrupted(f"record {size - 1} changed or vanished while the log was unwritable")
+                    raise LogCorrupted(
+                        f"record {size - 1} changed or vanished while the log was unwritable", file=self.config.db
+                    )
             conn.execute("INSERT INTO probe (x) VALUES (zeroblob(?))", (_PROBE_BYTES,))
             conn.execute("DELETE FROM probe")
             if self._faults is not None:

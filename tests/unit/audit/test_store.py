@@ -796,6 +796,23 @@ def test_repair_needs_the_log_to_itself(db: Path) -> None:
     assert rows(db, "SELECT count(*) FROM records")[0][0] == 33  # nothing was removed
 
 
+def test_scan_records_reports_each_gap_once_and_checks_the_rows_after_it_at_their_own_index() -> None:
+    stored = []
+    for i in range(12):
+        if i == 3 or 6 <= i <= 8:  # deleted
+            continue
+        data = make_record(i).with_index(i).encode()
+        stored.append((i, leaf_hash(data) if i != 10 else b"\0" * 32, data))
+    hashes, findings, first = store.scan_records(stored)
+    assert [(f.index, f.message) for f in findings] == [
+        (3, "record 3 is missing (the next stored record is 4): records were deleted"),
+        (6, "records 6..8 are missing (the next stored record is 9): records were deleted"),
+        (10, "record 10: its bytes do not match its stored leaf hash: the record was changed"),
+    ]
+    assert first == 3 and len(hashes) == 8
+    assert store.scan_records(stored[5:], start=9)[1:] == ([findings[2]], 10)
+
+
 def test_a_file_that_is_not_a_log_or_another_forces_log_is_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(4096))
@@ -810,6 +827,27 @@ def test_a_file_that_is_not_a_log_or_another_forces_log_is_refused(tmp_path: Pat
         new_log(tmp_path / "tv.db", force="surrey").open()
     with pytest.raises(ConfigError, match="does not exist"):
         new_log(tmp_path / "nowhere" / "a.db").open()
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        ("DROP TABLE checkpoints", r"a damaged audit log: it has the format 'psn-gateway-audit-log/1' but its"
+                                   r" checkpoints table is missing \(dropped, or the file is damaged\)$"),
+        ("DROP TABLE quarantine", r"its quarantine table is missing"),
+        ("UPDATE meta SET value = 'psn-gateway-audit-log/0' WHERE key = 'format'",
+         r"not an audit log of this version: its format is 'psn-gateway-audit-log/0', not 'psn-gateway-audit-log/1'$"),
+        ("DELETE FROM meta WHERE key = 'format'", r"not an audit log: its meta table names no format$"),
+        ("DROP TABLE meta", r"not an audit log: it has no meta table to name its format$"),
+    ],
+    ids=["no checkpoints table", "no quarantine table", "another format", "no format", "no meta table"],
+)  # fmt: skip
+def test_a_damaged_log_is_refused_saying_what_is_wrong(db: Path, damage: str, error: str) -> None:
+    _closed_log(db)
+    execute(db, (damage, ()))
+    with pytest.raises(ConfigError, match=error) as raised:
+        new_log(db).open()
+    assert raised.value.file == str(db) and "want" not in str(raised.value)
 
 
 def test_the_lock_file_tells_a_live_log(db: Path) -> None:

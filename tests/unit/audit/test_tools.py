@@ -13,11 +13,14 @@ import re
 import shutil
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway import pki as x509_pki
 from gateway.audit.merkle import leaf_hash
 from gateway.audit.note import Checkpoint, parse_note, sign_note, verify_note
 from gateway.audit.record import AuditRecord, format_time
@@ -32,7 +35,10 @@ from ._helpers import (
     FakeWitnessClient,
     Pki,
     cosig_verifier,
+    domain,
     execute,
+    fill,
+    key,
     log_verifier,
     make_pki,
     make_record,
@@ -243,6 +249,62 @@ def test_the_verify_command_exits_1_and_prints_the_first_bad_item(
     assert "FAILED" in out and "first bad: " in out
 
 
+def _delete_several(db: Path) -> None:
+    execute(db, ("DELETE FROM records WHERE idx IN (7, 12, 13, 14, 38, 39)", ()))
+
+
+def _delete_one_after_the_checkpoint(db: Path) -> None:
+    log = new_log(db, checkpointer=False)
+    log.open()
+    fill(log, 3, start=N)
+    log.close_blocking()
+    execute(db, ("DELETE FROM records WHERE idx = 41", ()))
+
+
+NOT_HASHED = [f"checkpoint {size}: the stored records do not hash to its root" for size in (10, 20, 30, 40)]
+DELETIONS = [
+    ("one record", _delete_one, [
+        "record 7 is missing (the next stored record is 8): records were deleted", *NOT_HASHED,
+    ], []),
+    ("several records and the tail", _delete_several, [
+        "record 7 is missing (the next stored record is 8): records were deleted",
+        "records 12..14 are missing (the next stored record is 15): records were deleted",
+        *NOT_HASHED[:3],
+        "checkpoint 40 covers records the log does not hold: records 38..39 are missing (the tail was truncated)",
+    ], []),
+    ("one record after the last checkpoint", _delete_one_after_the_checkpoint, [
+        "record 41 is missing (the next stored record is 42): records were deleted",
+    ], ["records 40..42 are not yet covered by a checkpoint"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "tamper", "findings", "notes"), DELETIONS, ids=[d[0] for d in DELETIONS])
+def test_each_gap_is_one_finding_naming_exactly_the_records_missing(
+    db: Path, name: str, tamper: Callable[[Path], None], findings: list[str], notes: list[str]
+) -> None:
+    tamper(db)
+    report = _verify(db)
+    assert [f.message for f in report.findings] == findings
+    assert list(report.notes) == notes and not report.ok
+
+
+def test_the_verify_command_reports_one_deleted_record_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "small.db"
+    log = new_log(db, checkpoint_every=11)
+    log.open()
+    fill(log, 11)
+    log.wait_checkpoint(11)
+    log.close_blocking()
+    execute(db, ("DELETE FROM records WHERE idx = 5", ()))
+    code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey())
+    assert code == 1
+    assert out.splitlines()[-3:] == [
+        "FAILED: 2 finding(s); first bad: record 5 is missing (the next stored record is 6): records were deleted",
+        "  record 5 is missing (the next stored record is 6): records were deleted",
+        "  checkpoint 11: the stored records do not hash to its root",
+    ]
+
+
 def test_a_dropped_witness_key_leaves_its_cosignatures_unverifiable(db: Path) -> None:
     _drop_witness_key(db)
     assert _verify(db).ok  # with every key pinned, the stored copy of a key is not needed
@@ -372,6 +434,73 @@ def _junk(tmp_path: Path) -> Path:
         conn.execute("CREATE TABLE t (x)")
         conn.close()
     return path
+
+
+def test_a_log_missing_a_table_is_refused_naming_the_table(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    execute(db, ("DROP TABLE checkpoints", ()))
+    code, out, err = _run(capsys, "verify", str(db), "--unsafe-stored-keys")
+    assert code == 2 and not out
+    assert err == (
+        f"psngw: {db}: a damaged audit log: it has the format 'psn-gateway-audit-log/1' but its checkpoints table"
+        " is missing (dropped, or the file is damaged)\n"
+    )
+
+
+def _invalid_record(db: Path) -> None:
+    data = _data(db, 7).replace(b'"event":"call"', b'"event":"nope"')
+    execute(db, ("UPDATE records SET data = ? WHERE idx = 7", (data,)))
+
+
+def _malformed_checkpoint(db: Path) -> None:
+    execute(db, ("UPDATE checkpoints SET note = ? WHERE size = ?", (b"junk", N)))
+
+
+LOG_ERRORS = [
+    (_invalid_record, ["query"], "record 7 is not a valid record ('nope' is not one of"),
+    (_invalid_record, ["stats"], "record 7 is not a valid record ('nope' is not one of"),
+    (_malformed_checkpoint, ["prove", "--request-id", f"{3:032x}"], f"checkpoint {N} is malformed ("),
+    (_malformed_checkpoint, ["export", "--since", "2027-01-16"], f"checkpoint {N} is malformed ("),
+]
+
+
+@pytest.mark.parametrize(("damage", "argv", "error"), LOG_ERRORS, ids=[" ".join(e[1][:1]) for e in LOG_ERRORS])
+def test_what_is_wrong_with_a_log_is_said_of_its_file(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None], argv: list[str],
+    error: str,
+) -> None:  # fmt: skip
+    damage(db)
+    command, *options = argv
+    extra = [str(tmp_path / "bundle.json")] if command == "export" else []
+    code, out, err = _run(capsys, command, str(db), *options, *extra)
+    assert code == 2 and not out
+    assert err.startswith(f"psngw: {db}: {error}") and err.count("\n") == 1, err
+
+
+def test_certificate_problems_are_said_without_a_placeholder_file(
+    db: Path, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    execute(db, ("UPDATE log_keys SET certificate = ?", (pki.log_certs["hampshire"],)))
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(pki.directory), "--at", AT)
+    assert code == 1
+    assert (
+        "log key thames-valley.se.psn/audit: its certificate is not trusted: the certificate is for"
+        " spiffe://hampshire.se.psn/log, not spiffe://thames-valley.se.psn/log\n" in out
+    )
+    # A force's gateway-signing certificate given as a log certificate.
+    now = datetime.fromtimestamp(T0, UTC)
+    profile = x509_pki.leaf_profile(x509_pki.CertKind.GATEWAY_SIGNING, trust_domain=domain(TV), display_name=TV)
+    cert = x509_pki.build_certificate(
+        profile, public_key=key(TV).public_key(), issuer=None, issuer_key=key(TV), not_before=now,
+        not_after=now + timedelta(days=1),
+    )  # fmt: skip
+    pem = tmp_path / "gateway-signing.pem"
+    pem.write_bytes(cert.public_bytes(Encoding.PEM))
+    code, out, err = _run(capsys, "verify", str(db), "--log-cert", str(pem))
+    assert code == 2 and not out
+    assert err == (
+        f"psngw: {pem}: not a log certificate: spiffe://thames-valley.se.psn/gateway is not a log identity"
+        " (spiffe://<force>.<network>/log)\n"
+    )
 
 
 # -- query ----------------------------------------------------------------------------------------
@@ -566,13 +695,57 @@ def _tamper_bundle_range(b: dict[str, Any]) -> None:
     b["until"] = format_time(T0 + 6 * HOURS)
 
 
+def _take_out_a_record(b: dict[str, Any]) -> None:
+    del b["records"][2]
+
+
+def _take_out_the_first_record(b: dict[str, Any]) -> None:
+    del b["records"][0]
+
+
+def _take_out_the_last_record(b: dict[str, Any]) -> None:
+    del b["records"][-1]
+
+
+def _duplicate_a_record(b: dict[str, Any]) -> None:
+    b["records"].insert(2, b["records"][1])
+
+
+def _reorder_two_records(b: dict[str, Any]) -> None:
+    b["records"][1], b["records"][2] = b["records"][2], b["records"][1]
+
+
+def _state_a_longer_run(b: dict[str, Any]) -> None:
+    b["end_index"] = 11
+
+
+def _state_a_run_beyond_the_checkpoint(b: dict[str, Any]) -> None:
+    b["end_index"] = N + 1
+
+
+def _state_a_shorter_run(b: dict[str, Any]) -> None:
+    b["start_index"] = 6
+
+
 BUNDLE_TAMPERING = [
     ("change a record", _tamper_bundle_record, r"^record 6: its bytes do not match its leaf hash"),
     ("change a proof", _tamper_bundle_proof, r"^record 5: its inclusion proof fails"),
     ("replace the checkpoint", _tamper_bundle_checkpoint, r"^checkpoint 40: not validly signed"),
     ("renumber a record", _tamper_bundle_index, r"^record 6: its bytes say it is record 5"),
     ("narrow the stated range", _tamper_bundle_range, r"time .* is outside the bundle's range"),
-]
+    ("take out a record", _take_out_a_record,
+     r"^record 7 is missing from the bundle, which states records 5\.\.8: taken out of it$"),
+    ("take out the first record", _take_out_the_first_record, r"^record 5 is missing from the bundle, which states"),
+    ("take out the last record", _take_out_the_last_record, r"^record 8 is missing from the bundle, which states"),
+    ("duplicate a record", _duplicate_a_record, r"^record 6: appears twice$"),
+    ("reorder two records", _reorder_two_records, r"^record 6: comes after record 7: the records were reordered$"),
+    ("state a longer run", _state_a_longer_run,
+     r"^records 9\.\.10 are missing from the bundle, which states records 5\.\.10"),
+    ("state a run beyond the checkpoint", _state_a_run_beyond_the_checkpoint,
+     r"^the bundle states the records from 5 up to 41: not a run of the 40 records its checkpoint covers$"),
+    ("state a shorter run", _state_a_shorter_run,
+     r"^record 5: it is outside the run of records the bundle states \(records 6\.\.8\)$"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "tamper", "first"), BUNDLE_TAMPERING, ids=[t[0] for t in BUNDLE_TAMPERING])
@@ -588,6 +761,84 @@ def test_verify_bundle_finds_tampering(
     assert code == 1
     report = json.loads(text)
     assert re.search(first, report["first"]), report["findings"]
+
+
+def test_a_bundle_states_its_run_and_holds_every_record_of_it(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bundle.json"
+    code, text, _ = _run(capsys, "export", str(db), "--since", format_time(T0 + 5 * HOURS), "--until",
+                         format_time(T0 + 9 * HOURS), str(out))  # fmt: skip
+    assert code == 0 and text.startswith(f"wrote {out}: 4 records (5..8),")
+    bundle = json.loads(out.read_bytes())
+    assert bundle["format"] == "psn-gateway-audit-bundle/2"
+    assert (bundle["start_index"], bundle["end_index"]) == (5, 9)
+    del bundle["records"][2]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(bundle))
+    code, text, _ = _run(capsys, "verify-bundle", str(bad), "--vkey", log_verifier(TV).vkey())
+    assert code == 1
+    assert text.splitlines()[-2:] == [
+        "FAILED: 1 finding(s); first bad: record 7 is missing from the bundle, which states records 5..8: taken out"
+        " of it",
+        "  record 7 is missing from the bundle, which states records 5..8: taken out of it",
+    ]
+
+
+def test_a_bundle_of_the_earlier_format_is_still_verified_for_a_gap(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = _export(db, capsys, tmp_path / "bundle.json", "--since", format_time(T0 + 5 * HOURS), "--until",
+                     format_time(T0 + 9 * HOURS))  # fmt: skip
+    bundle["format"] = "psn-gateway-audit-bundle/1"
+    del bundle["start_index"], bundle["end_index"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(bundle))
+    code, text, _ = _run(capsys, "verify-bundle", str(old), "--vkey", log_verifier(TV).vkey(), "--json")
+    report = json.loads(text)
+    assert code == 0 and report["ok"]
+    assert report["notes"] == [
+        "the bundle, of the earlier format psn-gateway-audit-bundle/1, does not state which records it holds: a"
+        " record missing at either end of records 5..8 cannot be detected (export again for a bundle that does)"
+    ]
+    del bundle["records"][1]
+    old.write_text(json.dumps(bundle))
+    code, text, _ = _run(capsys, "verify-bundle", str(old), "--vkey", log_verifier(TV).vkey(), "--json")
+    report = json.loads(text)
+    assert code == 1
+    assert report["first"].startswith("record 6 is missing from the bundle, between records 5 and 7: taken out, or")
+
+
+def test_export_holds_the_whole_run_where_records_are_committed_out_of_time_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Record 3 was made before record 1 but committed after record 2: a bundle from 1h to 5h holds it too.
+    db = tmp_path / "jitter.db"
+    log = new_log(db, checkpoint_every=6)
+    log.open()
+    for i, hours in enumerate((0, 1, 2, 0.5, 4, 5)):
+        log.append_blocking(make_record(i, when=T0 + hours * HOURS))
+    log.wait_checkpoint(6)
+    log.close_blocking()
+    out = tmp_path / "bundle.json"
+    code, _, err = _run(capsys, "export", str(db), "--since", format_time(T0 + HOURS), "--until",
+                        format_time(T0 + 5 * HOURS), str(out))  # fmt: skip
+    assert code == 0 and "1 record(s) whose time is outside the range are included" in err
+    bundle = json.loads(out.read_bytes())
+    assert (bundle["start_index"], bundle["end_index"]) == (1, 5)
+    assert [r["index"] for r in bundle["records"]] == [1, 2, 3, 4]
+    code, text, _ = _run(capsys, "verify-bundle", str(out), "--vkey", log_verifier(TV).vkey(), "--json")
+    report = json.loads(text)
+    assert code == 0 and report["ok"]
+    assert report["notes"] == [
+        f"record 3: its time {format_time(T0 + 0.5 * HOURS)} is outside the bundle's range, but it lies between"
+        " records in the range: it is there so that the bundle holds every record of its run"
+    ]
+    code, _, _ = _run(capsys, "export", str(db), "--since", "2030-01-01", str(tmp_path / "empty.json"))
+    empty = json.loads((tmp_path / "empty.json").read_bytes())
+    assert code == 0 and (empty["start_index"], empty["end_index"], empty["records"]) == (0, 0, [])
+    code, _, _ = _run(capsys, "verify-bundle", str(tmp_path / "empty.json"), "--vkey", log_verifier(TV).vkey())
+    assert code == 0
 
 
 @pytest.mark.parametrize("content", [b"", b"{}", b"[1]", b'{"format": "psn-gateway-audit-bundle/1"}', b"\xff"])
