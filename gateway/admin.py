@@ -20,8 +20,9 @@ and the metrics reveal traffic patterns: which forces call which applications,
 how often, when, how many are refused and why. On a shared network that is
 intelligence in itself. Binding anything but a loopback address is a
 `ConfigError` unless the caller passes ``allow_remote=True`` (logged as a
-warning); the better way to scrape from elsewhere is a local agent or an
-authenticated proxy.
+warning); the gateway never does, and its config refuses a ``[listeners]
+admin`` beyond loopback (`is_loopback_address`). The way to scrape from
+elsewhere is a local agent or an authenticated proxy.
 
 It is a hostile-input edge even on loopback (any local process can connect):
 one request per connection (``Connection: close``), a bounded request head
@@ -48,7 +49,7 @@ from gateway.errors import ConfigError
 from gateway.metrics import CONTENT_TYPE, Registry
 from gateway.tomlconf import parse_address
 
-__all__ = ["AdminServer"]
+__all__ = ["NOT_LOOPBACK", "AdminServer", "is_loopback_address"]
 
 _log = logging.getLogger("psngw.admin")
 
@@ -70,6 +71,12 @@ _REASONS: Final = {
     503: "Service Unavailable",
 }
 _FIELD: Final = "listeners.admin"
+
+#: Why an admin address must be loopback (after the address, in the error).
+NOT_LOOPBACK: Final = (
+    "is not a loopback address; the admin listener has no TLS or authentication and its metrics reveal"
+    " traffic patterns between forces"
+)
 
 
 @dataclass(frozen=True)
@@ -138,15 +145,10 @@ class AdminServer:
             host, port = parse_address(address)
         except ValueError as exc:
             raise ConfigError(str(exc), field=_FIELD) from exc
-        if host == "localhost":
-            host = "127.0.0.1"  # one socket, one port: "localhost" can resolve to two addresses
+        host = _bind_host(host)
         self._loopback = _is_loopback(host)
         if not self._loopback and not allow_remote:
-            raise ConfigError(
-                f"{address!r} is not a loopback address; the admin listener has no TLS or authentication and its"
-                " metrics reveal traffic patterns between forces (set allow_remote to expose it deliberately)",
-                field=_FIELD,
-            )
+            raise ConfigError(f"{address!r} {NOT_LOOPBACK}", field=_FIELD)
         if read_timeout <= 0 or write_timeout <= 0 or max_head_bytes < 256 or max_connections < 1:
             raise ValueError("admin server bounds must be positive (max_head_bytes at least 256)")
         self._host = host
@@ -360,6 +362,20 @@ def _parse_head(lines: list[bytes]) -> _Request:
         headers[key] = value.decode("latin-1")
     path = target.split(b"?", 1)[0].decode("ascii")
     return _Request(method.decode("ascii"), path, headers)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether the admin listener would bind `address` (``host:port``, ``localhost`` included) on loopback only."""
+    try:
+        host, _ = parse_address(address)
+    except ValueError:
+        return False
+    return _is_loopback(_bind_host(host))
+
+
+def _bind_host(host: str) -> str:
+    # One socket, one port: "localhost" can resolve to two addresses.
+    return "127.0.0.1" if host == "localhost" else host
 
 
 def _is_loopback(host: str) -> bool:

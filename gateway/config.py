@@ -21,16 +21,19 @@ Example (paths are relative to the file)::
 Owns: parsing and validating that file into a frozen `GatewayConfig`, with
 file:line:field in every error. Sections that belong to a subsystem (tokens,
 purpose, signing, policy, audit) are parsed by that subsystem's
-`from_section`.
+`from_section`. The files the config and the directory name are loaded later,
+when the gateway starts (or by ``psngw serve --check``); `GatewayConfig.provenance`
+says which setting named each, for their errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from gateway.admin import NOT_LOOPBACK, is_loopback_address
 from gateway.audit.store import AuditConfig
 from gateway.directory import NAME_PATTERN, NetworkDirectory, load_directory
 from gateway.errors import ConfigError
@@ -38,7 +41,7 @@ from gateway.policy.live import PolicyConfig
 from gateway.purpose import PurposeConfig
 from gateway.ratelimit import RateLimitConfig
 from gateway.token import TokenConfig
-from gateway.tomlconf import Section, TomlFile
+from gateway.tomlconf import Provenance, Section, TomlFile
 
 __all__ = [
     "BackendConfig",
@@ -58,6 +61,7 @@ class ListenersConfig:
 
     local: str
     peer: str
+    #: metrics and health, plaintext: loopback only (`gateway.admin`)
     admin: str | None
     #: relay links (`gateway.relaylink`); required when the directory gives this force a `relay_address`
     relay: str | None = None
@@ -68,6 +72,8 @@ class ListenersConfig:
         out = cls(sec.address("local"), sec.address("peer"), sec.address("admin", None), sec.address("relay", None))
         if out.local == out.peer:
             sec.fail("peer", "local and peer listeners must differ")
+        if out.admin is not None and not is_loopback_address(out.admin):
+            sec.fail("admin", f"{out.admin!r} {NOT_LOOPBACK}")
         if out.relay is not None and out.relay in (out.local, out.peer, out.admin):
             sec.fail("relay", "the relay listener must have an address of its own")
         if relay_required and out.relay is None:
@@ -234,6 +240,8 @@ class GatewayConfig:
     limits: LimitsConfig
     revocation: RevocationConfig
     backends: Mapping[str, BackendConfig]
+    #: which setting (here or in the directory) named each file: errors about a file are put there
+    provenance: Provenance = field(default_factory=Provenance, repr=False, compare=False)
 
     @property
     def trust_domain(self) -> str:
@@ -258,7 +266,8 @@ def load_config(path: Path | str) -> GatewayConfig:
     root = file.root()
     force = root.text("force", pattern=NAME_PATTERN)
     directory_path = root.file_path("directory", must_exist=True)
-    directory = load_directory(directory_path)
+    with Provenance(file).locating():
+        directory = load_directory(directory_path)
     if force not in directory.forces:
         root.fail("force", f"force {force!r} is not in the network directory {directory_path}")
     trust_domain = directory.forces[force].trust_domain
@@ -301,6 +310,7 @@ def load_config(path: Path | str) -> GatewayConfig:
         limits=LimitsConfig.from_section(root.table("limits")),
         revocation=RevocationConfig.from_section(root.table("revocation")),
         backends=MappingProxyType(backends),
+        provenance=Provenance(file, directory.named),
     )
     for name in config.rate_limits.overrides:
         if name not in directory.forces:

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gateway.errors import ConfigError, NotFound
-from gateway.tomlconf import Section, TomlFile
+from gateway.tomlconf import Origin, Section, TomlFile
 
 __all__ = [
     "Application",
@@ -190,6 +190,8 @@ class NetworkDirectory:
     clearance_levels: tuple[str, ...]
     applications: Mapping[str, Application]
     path: Path | None = None
+    #: the files this directory's settings name (CA certificates, CRLs, log certificates), with where each is named
+    named: Mapping[Path, Origin] = field(default_factory=dict, repr=False, compare=False)
     _methods: Mapping[str, Route] = field(default_factory=dict, repr=False, compare=False)
     _services: Mapping[str, Application] = field(default_factory=dict, repr=False, compare=False)
 
@@ -255,6 +257,7 @@ def parse_directory(file: TomlFile) -> NetworkDirectory:
         clearance_levels=levels,
         applications=MappingProxyType(applications),
         path=file.path,
+        named=MappingProxyType(dict(file.named)),
     )
 
 

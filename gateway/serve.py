@@ -4,6 +4,13 @@ SIGTERM and SIGINT stop taking new calls and let calls in flight finish within
 the configured grace period. SIGHUP reloads certificates, CRLs, the directory
 and the policy (they are also reloaded when their files change).
 
+``--check`` loads and checks everything the gateway would at start (the
+config, the directory, every certificate, key, CRL, the JWKS, the policies,
+the audit and witness database paths), through the same loading step as a
+real start (`gateway.server.StartFiles`), then stops: nothing listens and
+nothing is written. It prints one "ok" line, or the error (file:line: key:
+problem) and exits 2.
+
 ``--workers N`` runs N gateway processes on the same listeners (SO_REUSEPORT):
 the kernel spreads *connections* over them, so peers open several connections
 each (``[limits] peer_channels``). Every worker appends to the force's one
@@ -25,12 +32,17 @@ import signal
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gateway.config import load_config
+from gateway.clock import SystemClock
+from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from gateway.logs import configure_logging
 
-__all__ = ["register_cli", "run_gateway", "supervise"]
+if TYPE_CHECKING:
+    from gateway.server import StartFiles
+
+__all__ = ["check_gateway", "register_cli", "run_gateway", "supervise"]
 
 log = logging.getLogger("psngw.serve")
 
@@ -53,6 +65,34 @@ async def run_gateway(config_path: Path, *, worker: int = 0, workers: int = 1) -
     return 0
 
 
+def _load(config_path: Path) -> tuple[GatewayConfig, StartFiles]:
+    """The gateway's loading step, as `Gateway` runs it at start: the config, then every file it names."""
+    from gateway.server import StartFiles  # noqa: PLC0415  # the server pulls in grpc: keep `psngw --help` fast
+
+    config = load_config(config_path)
+    return config, StartFiles.load(config, SystemClock())
+
+
+def check_gateway(config_path: Path) -> str:
+    """Load and check what the gateway reads at start, then stop; a one-line summary (`ConfigError` if bad).
+
+    Nothing listens and nothing is written. A force whose CRL is unusable does not stop a start
+    (its certificates are refused until it is fixed), so it is logged as a warning, not an error.
+    """
+    config, files = _load(config_path)
+    now = SystemClock().now()
+    crls = [files.trust.crl_status(force, now) for force in config.directory.forces]
+    for status in crls:
+        if not status.usable:
+            log.warning("CRL of %s unusable: its certificates will be refused: %s", status.force, status.reason)
+    shadow = "" if files.shadow is None else f", shadow policy {files.shadow.version}"
+    return (
+        f"{config_path}: ok: gateway of {config.force} in {config.directory.network}"
+        f" ({len(config.directory.forces)} forces, CRLs usable for {sum(s.usable for s in crls)}),"
+        f" {len(config.backends)} backend(s), policy {files.policy.version}{shadow}; nothing started"
+    )
+
+
 def _install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415  # optional: only when installed
@@ -69,10 +109,11 @@ def _worker_main(config: Path, worker: int, workers: int, level: str, json_forma
 
 def supervise(config: Path, workers: int, *, level: str = "info", json_format: bool = True) -> int:
     """Run `workers` gateway processes; restart any that dies; stop them all on SIGTERM/SIGINT."""
-    parsed = load_config(config)  # fail here, once, with file:line, not N times in the children
-    for address in (parsed.listeners.local, parsed.listeners.peer):
+    parsed, _ = _load(config)  # fail here, once, with file:line, not N times in the children
+    for name, address in (("local", parsed.listeners.local), ("peer", parsed.listeners.peer)):
         if address.endswith(":0"):
-            raise ConfigError("workers need fixed listener ports, not 0", file=config, field="listeners")
+            problem = ConfigError("workers need fixed listener ports, not 0", field=f"listeners.{name}")
+            raise parsed.provenance.locate(problem)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -117,9 +158,13 @@ def supervise(config: Path, workers: int, *, level: str = "info", json_format: b
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(level=args.log_level, json_format=args.log_format == "json")
+    level = args.log_level or ("warning" if args.check else "info")
+    configure_logging(level=level, json_format=args.log_format == "json")
+    if args.check:
+        print(check_gateway(args.config))
+        return 0
     if args.workers > 1:
-        return supervise(args.config, args.workers, level=args.log_level, json_format=args.log_format == "json")
+        return supervise(args.config, args.workers, level=level, json_format=args.log_format == "json")
     _install_uvloop()
     return asyncio.run(run_gateway(args.config))
 
@@ -131,9 +176,17 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="run one force's gateway",
         description="Run one force's gateway until SIGTERM/SIGINT (graceful); SIGHUP reloads certificates, "
         "CRLs, directory and policy. With --workers N, N processes share the listeners (SO_REUSEPORT) and "
-        "the force's one audit log.",
+        "the force's one audit log. With --check, load and check everything a start would, then stop. "
+        "A bad file or setting prints one line, file:line: key: problem, and exits 2.",
     )
     p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="load and check the config and every file it names (directory, certificates, keys, CRLs, JWKS, "
+        "policy, audit and witness database paths) as a start would, without listening or writing anything; "
+        "print one 'ok' line and exit 0, or the error and exit 2",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -142,6 +195,8 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="N",
         help="gateway processes on the same listeners (1-64; default 1)",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="default info (warning with --check)"
+    )
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="operator log format (stderr)")
     p.set_defaults(func=_serve)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -37,7 +39,7 @@ from gateway import __version__
 from gateway._proto.psn.gateway.v1 import relay_pb2, witness_pb2
 from gateway.admin import AdminServer
 from gateway.audit.recorder import AuditRecorder
-from gateway.audit.setup import build_transparency
+from gateway.audit.setup import build_transparency, log_public_key
 from gateway.audit.witness_grpc import ADD_CHECKPOINT, witness_reply
 from gateway.breaker import BreakerState
 from gateway.clock import Clock, SystemClock
@@ -76,6 +78,7 @@ from gateway.policy import (
     Decision,
     DecisionRequest,
     Disagreement,
+    Policy,
     PolicyError,
     PolicyHolder,
     ShadowPolicy,
@@ -95,9 +98,10 @@ from gateway.relaylink import (
 from gateway.replay import InMemoryReplayStore, ReplayStore, SqliteReplayStore
 from gateway.status import status_for
 from gateway.tls import ChannelPool, KeyPair, ServerTls
-from gateway.token import TokenVerifier, build_key_source
+from gateway.token import KeySource, TokenVerifier, build_key_source
+from gateway.tomlconf import parse_address
 
-__all__ = ["REQUEST_ID_KEY", "Gateway", "Recorder"]
+__all__ = ["REQUEST_ID_KEY", "Gateway", "Recorder", "StartFiles"]
 
 log = logging.getLogger("psngw.server")
 _PEM = Encoding.PEM
@@ -186,6 +190,104 @@ class ContextDownstream:
         await self._context.write(data)
 
 
+#: The first bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class StartFiles:
+    """What a gateway reads at start, read and checked: nothing listens, nothing is written.
+
+    `Gateway` is built from these; ``psngw serve --check`` loads them and stops. A file that
+    cannot be used is a `ConfigError` at the setting that named it (`GatewayConfig.provenance`).
+    """
+
+    trust: TrustStore
+    tls: KeyPair
+    signer: Signer
+    keys: KeySource
+    policy: Policy
+    shadow: Policy | None
+
+    @classmethod
+    def load(cls, config: GatewayConfig, clock: Clock) -> StartFiles:
+        """Every CA certificate, CRL, key pair, the JWKS and the policies; the databases' paths, read-only."""
+        revocation = config.revocation
+        with config.provenance.locating():
+            trust = load_trust_store(
+                config.directory, crl_grace=revocation.crl_grace, require_crl=revocation.require_crl
+            )
+            tls = KeyPair.load(config.tls.cert, config.tls.key)
+            signer = Signer.from_files(config.signing.cert, config.signing.key)
+            log_signing = KeyPair.load(config.log_signing.cert, config.log_signing.key)
+            try:
+                log_public_key(log_signing.cert_pem)  # the rule `build_transparency` applies
+            except ConfigError as exc:
+                raise ConfigError(exc.message, file=config.log_signing.cert) from exc
+            for db in (config.audit.db, config.witness_db, config.signing.replay_db):
+                if db is not None:
+                    _check_database(db)
+            keys = build_key_source(config.tokens, clock)
+            policy = load_policy(config.policy.dir, config.directory)
+            shadow_dir = config.policy.shadow_dir
+            shadow = None if shadow_dir is None else load_policy(shadow_dir, config.directory)
+        return cls(trust, tls, signer, keys, policy, shadow)
+
+
+def _check_database(path: Path) -> None:
+    """A SQLite file the gateway opens at start: its folder must exist, an existing file must be SQLite.
+
+    Only the file's first bytes are read (they never change once written): other workers may be
+    writing to it now. The stores check the contents themselves when they open.
+    """
+    if not path.parent.is_dir():
+        raise ConfigError("the folder for this database does not exist", file=path)
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError("the gateway cannot write in the folder of this database", file=path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return  # made at start
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=path) from exc
+    if head and head != _SQLITE_HEADER:
+        raise ConfigError("not a SQLite database (damaged, or another file)", file=path)
+    if not os.access(path, os.W_OK):
+        raise ConfigError("the gateway cannot write this database", file=path)
+
+
+def _bind_problem(address: str, *, reuse_port: bool) -> OSError | None:
+    """Why `address` cannot be listened on now, asked of the OS with a socket bound and closed at once.
+
+    grpc says only that it failed to bind. Like grpc, one resolved address that binds is enough.
+    """
+    host, port = parse_address(address)
+    problem: OSError | None = None
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc
+    for family, kind, proto, _, where in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                problem = problem or exc
+                continue
+            return None
+    return problem
+
+
+def _cannot_listen(name: str, address: str, problem: OSError | str) -> ConfigError:
+    """The error for a listener that cannot be bound, at its setting (``listeners.<name>``)."""
+    reason = problem if isinstance(problem, str) else problem.strerror or str(problem)
+    return ConfigError(f"cannot listen on {address}: {reason}", field=f"listeners.{name}")
+
+
 class Gateway:
     """One force's gateway: start it, serve, stop it."""
 
@@ -212,9 +314,8 @@ class Gateway:
         self.force = config.force
         self.clock: Clock = clock or SystemClock()
         self._directory = config.directory
-        self._trust = load_trust_store(
-            config.directory, crl_grace=config.revocation.crl_grace, require_crl=config.revocation.require_crl
-        )
+        files = StartFiles.load(config, self.clock)  # every file the config names, or a ConfigError at its setting
+        self._trust = files.trust
         self.registry = Registry()
         self.metrics = GatewayMetrics(self.registry)
         # Series bound once for labels known in advance (each call observes every stage it passes).
@@ -225,7 +326,7 @@ class Gateway:
         self.recorder: Recorder = recorder or AuditRecorder(
             self.audit_log, gateway=config.gateway_id, force=self.force, clock=self.clock, worker=worker
         )
-        self._tls = KeyPair.load(config.tls.cert, config.tls.key)
+        self._tls = files.tls
         self._local_tls = ServerTls(self._tls, self._roots())
         self._peer_tls = ServerTls(self._tls, self._roots())
         limits = config.limits
@@ -234,7 +335,7 @@ class Gateway:
             self._tls, max_message_bytes=limits.max_message_bytes, size=limits.peer_channels, grace=limits.max_deadline
         )
         self._set_channel_targets()
-        self._signer = Signer.from_files(config.signing.cert, config.signing.key)
+        self._signer = files.signer
         self.envelope_verifier = EnvelopeVerifier(
             trust=self.trust,
             own_force=self.force,
@@ -259,21 +360,17 @@ class Gateway:
         self._link_contexts: dict[tuple[str, str, bytes], ssl.SSLContext] = {}
         self._relay_listener: RelayLinkListener | None = None
         self._set_link_targets()
-        self.policy = PolicyHolder(load_policy(config.policy.dir, config.directory))
-        self.shadow: ShadowPolicy | None = None
-        if config.policy.shadow_dir is not None:
-            self.shadow = ShadowPolicy(
-                self.policy, load_policy(config.policy.shadow_dir, config.directory), self._log_disagreement
-            )
+        self.policy = PolicyHolder(files.policy)
+        self.shadow: ShadowPolicy | None = (
+            None if files.shadow is None else ShadowPolicy(self.policy, files.shadow, self._log_disagreement)
+        )
         self.rate_limiter = RateLimiter(
             config.rate_limits.per_worker(workers),
             forces=config.directory.forces,
             units=config.directory.units,
             clock=self.clock,
         )
-        self.token_verifier = TokenVerifier(
-            config.tokens, force=self.force, keys=build_key_source(config.tokens, self.clock), clock=self.clock
-        )
+        self.token_verifier = TokenVerifier(config.tokens, force=self.force, keys=files.keys, clock=self.clock)
         observe = self._observe_stage
         self.local_pipeline = Pipeline(self._local_stages(), observe=observe)
         self.peer_identity = Pipeline(
@@ -463,42 +560,26 @@ class Gateway:
         ]
 
     async def start(self) -> None:
-        """Open the audit log (refusing a divergent one), bind the listeners, start serving."""
-        limits = self.config.limits
+        """Open the audit log (refusing a divergent one), bind the listeners, start serving.
+
+        A listener that cannot be bound is a `ConfigError` at its setting (``listeners.peer``), and
+        the gateway is stopped again before it is raised: nothing is left listening or running.
+        """
         # A busy gateway holds group commits open for more records ([audit] commit_delay_seconds).
         self.audit_log.busy = lambda: self._unary_now
-        report = self.audit_log.open()
+        with self.config.provenance.locating():
+            report = self.audit_log.open()
         for message in report.messages:
             log.warning("audit log: %s", message)
         log.info("audit log open: %d records, last checkpoint at %d", report.records, report.checkpoint_size)
         if self.worker == 0:  # one process signs checkpoints and collects cosignatures for the force
             self.transparency.register_witnesses(self.peers.channel, timeout=self.config.audit.witness_timeout)
-        local = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
-        local.add_generic_rpc_handlers((_LocalHandler(self),))
-        self._add_health(local)
-        local_port = local.add_secure_port(self.config.listeners.local, self._local_tls.credentials())
-        peer = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
-        self._add_peer_services(peer)
-        self._add_health(peer)
-        peer_port = peer.add_secure_port(self.config.listeners.peer, self._peer_tls.credentials())
-        relay_port = None
-        if self.config.listeners.relay is not None:
-            self._relay_listener = RelayLinkListener(
-                self.config.listeners.relay,
-                context=self._relay_server_context,
-                handle=self.peer_link,
-                reuse_port=self.workers > 1,
-                max_frame=self._max_link_frame,
-            )
-            relay_port = await self._relay_listener.start()
-        await local.start()
-        await peer.start()
-        self._local_server, self._peer_server = local, peer
-        admin_port = None
-        if self.config.listeners.admin is not None and self.worker == 0:
-            self._admin = AdminServer(self.config.listeners.admin, registry=self.registry, health=self.health)
-            admin_port = await self._admin.start()
-        self.ports = _Ports(local_port, peer_port, admin_port, relay_port)
+        try:
+            with self.config.provenance.locating():
+                self.ports = ports = await self._listen()
+        except BaseException:
+            await self.stop(0)
+            raise
         self._install_gauges()
         self.metrics.set_policy_version(self.policy.current.version)
         self._warn_expiry()
@@ -511,12 +592,66 @@ class Gateway:
             self.config.listeners.peer,
             extra={
                 "force": self.force,
-                "local_port": local_port,
-                "peer_port": peer_port,
-                "relay_port": relay_port,
+                "local_port": ports.local,
+                "peer_port": ports.peer,
+                "relay_port": ports.relay,
                 "worker": self.worker,
             },
         )
+
+    async def _listen(self) -> _Ports:
+        """Bind every listener and serve on it; `ConfigError` (``listeners.<name>``) for one that cannot be bound.
+
+        Every address is tried first with a socket of our own, so that a port already taken leaves
+        nothing bound, and so that the error says why (grpc does not).
+        """
+        listeners, limits = self.config.listeners, self.config.limits
+        reuse_port = self.workers > 1
+        admin = listeners.admin if self.worker == 0 else None
+        wanted = {"local": listeners.local, "peer": listeners.peer, "relay": listeners.relay, "admin": admin}
+        for name, address in wanted.items():
+            problem = _bind_problem(address, reuse_port=reuse_port) if address is not None else None
+            if address is not None and problem is not None:
+                raise _cannot_listen(name, address, problem)
+        local = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
+        local.add_generic_rpc_handlers((_LocalHandler(self),))
+        self._add_health(local)
+        peer = grpc.aio.server(options=self._server_options(), maximum_concurrent_rpcs=limits.max_concurrent_calls)
+        self._add_peer_services(peer)
+        self._add_health(peer)
+        self._local_server, self._peer_server = local, peer
+        local_port = self._add_port(local, "local", listeners.local, self._local_tls)
+        try:
+            peer_port = self._add_port(peer, "peer", listeners.peer, self._peer_tls)
+        finally:
+            await local.start()  # even on failure: grpc lets go of a bound port only when a started server stops
+        await peer.start()
+        relay_port = None
+        if listeners.relay is not None:
+            self._relay_listener = RelayLinkListener(
+                listeners.relay,
+                context=self._relay_server_context,
+                handle=self.peer_link,
+                reuse_port=reuse_port,
+                max_frame=self._max_link_frame,
+            )
+            try:
+                relay_port = await self._relay_listener.start()
+            except OSError as exc:
+                raise _cannot_listen("relay", listeners.relay, exc) from exc
+        admin_port = None
+        if admin is not None:
+            self._admin = AdminServer(admin, registry=self.registry, health=self.health)
+            admin_port = await self._admin.start()
+        return _Ports(local_port, peer_port, admin_port, relay_port)
+
+    def _add_port(self, server: grpc.aio.Server, name: str, address: str, tls: ServerTls) -> int:
+        """Bind `server` to `address` with mTLS (not yet serving); the bound port."""
+        try:
+            return server.add_secure_port(address, tls.credentials())
+        except RuntimeError as exc:  # grpc: "Failed to bind to address", without the reason
+            problem = _bind_problem(address, reuse_port=self.workers > 1)
+            raise _cannot_listen(name, address, problem or "grpc could not bind it") from exc
 
     def _add_health(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -6,22 +6,32 @@ operators need to be told "directory.toml:14: forces.surrey.peer_address: ...".
 `Section` reads typed values out of one table, rejecting unknown keys (a typo
 in a security setting must never be silently ignored).
 
-Owns: turning a TOML file into checked Python values or a `ConfigError`.
-Does not own: what any particular file means (see directory, config).
+A setting that names a file (a certificate, a key, a policy folder) is read
+here, but the file is loaded later by the subsystem that uses it, whose errors
+name only that file. Each `TomlFile` remembers which of its keys named which
+path, and `Provenance` ties an error about a loaded file back to the setting
+that named it: "gateway.toml:12: tls.cert: pki/x.pem: cannot read: ...".
+
+Owns: turning a TOML file into checked Python values or a `ConfigError`, and
+saying which setting named a file. Does not own: what any particular file
+means (see directory, config).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from gateway.errors import ConfigError
 
-__all__ = ["MISSING", "Section", "TomlFile", "parse_address"]
+__all__ = ["MISSING", "Origin", "Provenance", "Section", "TomlFile", "parse_address"]
 
 T = TypeVar("T")
 
@@ -45,6 +55,24 @@ def _split_key(text: str) -> tuple[str, ...]:
     return tuple(a or b or c for a, b, c in _KEYPART.findall(text))
 
 
+def _field(keys: tuple[str | int, ...]) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _absolute(path: Path | str) -> Path:
+    """`path` made absolute without touching the file system (no symlinks resolved)."""
+    return Path(os.path.abspath(path))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting is written: the file, its line (if found) and the key path (``tls.cert``)."""
+
+    file: Path
+    line: int | None
+    field: str
+
+
 class TomlFile:
     """A parsed TOML file that remembers its text, to name lines in errors."""
 
@@ -53,6 +81,8 @@ class TomlFile:
         self.text = text
         self.data = data
         self._index: dict[tuple[str | int, ...], int] | None = None
+        #: every path a setting of this file named (`Section.file_path`), made absolute, with that setting
+        self.named: dict[Path, Origin] = {}
 
     @classmethod
     def load(cls, path: Path | str) -> TomlFile:
@@ -138,8 +168,69 @@ class TomlFile:
 
     def error(self, keys: tuple[str | int, ...], message: str) -> ConfigError:
         """A `ConfigError` for the key path `keys`, with its line if found."""
-        field = ".".join(str(k) for k in keys) if keys else None
-        return ConfigError(message, file=self.path, line=self.line_of(keys), field=field)
+        return ConfigError(message, file=self.path, line=self.line_of(keys), field=_field(keys) if keys else None)
+
+    def origin(self, keys: tuple[str | int, ...]) -> Origin:
+        """Where the key path `keys` is written in this file."""
+        return Origin(self.path, self.line_of(keys), _field(keys))
+
+
+class Provenance:
+    """Which setting named each file a gateway loads, so that an error about the file can say so.
+
+    `locate` rewrites a `ConfigError` to point at a setting, and leaves any other alone:
+
+    - one about a named file or folder (or a file inside a named folder) as a whole, without a line
+      of its own, is put at the setting that named it, keeping the file in the message:
+      ``gateway.toml:12: tls.cert: pki/x.pem: cannot read: No such file or directory``;
+    - one that names a field of the settings file but no line (``listeners.admin``) gets the
+      settings file and the line of that key.
+
+    An error with a line in its own file (a TOML syntax error, a policy row) already says where it is.
+    """
+
+    def __init__(self, settings: TomlFile | None = None, *named: Mapping[Path, Origin]) -> None:
+        self._settings = settings
+        self._named = named
+
+    def origin_of(self, path: Path | str) -> Origin | None:
+        """The setting that named `path`, or the named folder holding it (the nearest); None if none did."""
+        wanted = _absolute(path)
+        tables = (*self._named, self._settings.named if self._settings is not None else {})
+        for candidate in (wanted, *wanted.parents):
+            for table in reversed(tables):  # the settings file's own names first
+                if candidate in table:
+                    return table[candidate]
+        return None
+
+    def locate(self, exc: ConfigError) -> ConfigError:
+        """`exc` placed at the setting it is about (see the class), or `exc` itself."""
+        if exc.line is not None:
+            return exc
+        settings = self._settings
+        own = exc.file is None or (settings is not None and _absolute(exc.file) == _absolute(settings.path))
+        if exc.field is not None and settings is not None and own:
+            keys = tuple(int(k) if k.isdigit() else k for k in exc.field.split("."))
+            line = settings.line_of(keys)
+            if line is not None:
+                return ConfigError(exc.message, file=settings.path, line=line, field=exc.field)
+        if exc.file is None:
+            return exc
+        origin = self.origin_of(exc.file)
+        if origin is None:
+            return exc
+        return ConfigError(str(exc), file=origin.file, line=origin.line, field=origin.field)
+
+    @contextlib.contextmanager
+    def locating(self) -> Iterator[None]:
+        """Re-raise a `ConfigError` from the block placed at its setting (`locate`)."""
+        try:
+            yield
+        except ConfigError as exc:
+            located = self.locate(exc)
+            if located is exc:
+                raise
+            raise located from exc
 
 
 class Section:
@@ -244,6 +335,7 @@ class Section:
         path = Path(value)
         if not path.is_absolute():
             path = self.file.path.parent / path
+        self.file.named[_absolute(path)] = self.file.origin((*self.keys, key))
         if must_exist and not path.exists():
             self.fail(key, f"file does not exist: {path}")
         return path

@@ -365,6 +365,15 @@ def test_a_non_loopback_address_is_a_config_error(address: str) -> None:
         AdminServer(address, registry=Registry(), health=serving)
     assert info.value.field == "listeners.admin"
     assert "traffic patterns" in str(info.value)
+    assert "allow_remote" not in str(info.value)  # not a config key: operators cannot set it
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1:9401", True), ("localhost:9401", True), ("[::1]:9401", True), ("0.0.0.0:9401", False)],
+)
+def test_is_loopback_address_agrees_with_the_server(address: str, loopback: bool) -> None:
+    assert admin_module.is_loopback_address(address) is loopback
 
 
 @pytest.mark.parametrize("address", ["9401", "127.0.0.1", "127.0.0.1:99999", ":9401", "[::1:9401"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.tomlconf import TomlFile, parse_address
+from gateway.tomlconf import Origin, Provenance, TomlFile, parse_address
 
 
 def parse(text: str) -> TomlFile:
@@ -93,3 +93,87 @@ def test_parse_address(value: str, expected: tuple[str, int]) -> None:
 def test_parse_address_refuses(value: str) -> None:
     with pytest.raises(ValueError):
         parse_address(value)
+
+
+# -- provenance: which setting named a file ---------------------------------------------------------
+
+SETTINGS = """\
+force = "x"
+
+[tls]
+cert = "pki/tls.pem"
+key = "pki/tls.key"
+
+[policy]
+dir = "policies"
+
+[listeners]
+admin = "0.0.0.0:9401"
+"""
+
+
+def _settings(root: Path) -> TomlFile:
+    file = TomlFile.parse(SETTINGS.encode(), root / "gateway.toml")
+    tls = file.root().table("tls")
+    tls.file_path("cert")
+    tls.file_path("key")
+    file.root().table("policy").file_path("dir")
+    return file
+
+
+def test_a_setting_that_names_a_file_is_remembered_with_its_line(tmp_path: Path) -> None:
+    file = _settings(tmp_path)
+    origin = Provenance(file).origin_of(tmp_path / "pki" / "tls.key")
+    assert origin == Origin(tmp_path / "gateway.toml", 5, "tls.key")
+
+
+@pytest.mark.parametrize(
+    ("named", "line", "field"),
+    [
+        ("pki/tls.pem", 4, "tls.cert"),
+        ("pki/tls.key", 5, "tls.key"),
+        ("policies", 8, "policy.dir"),
+        ("policies/model.conf", 8, "policy.dir"),  # inside a named folder: that folder's setting
+    ],
+)
+def test_an_error_about_a_named_file_is_put_at_its_setting(tmp_path: Path, named: str, line: int, field: str) -> None:
+    original = ConfigError("cannot read: No such file or directory", file=tmp_path / named)
+    located = Provenance(_settings(tmp_path)).locate(original)
+    assert (located.file, located.line, located.field) == (str(tmp_path / "gateway.toml"), line, field)
+    assert str(located) == f"{tmp_path}/gateway.toml:{line}: {field}: {tmp_path}/{named}: {original.message}"
+
+
+def test_names_from_another_file_say_that_file(tmp_path: Path) -> None:
+    directory = TomlFile.parse(b'[forces.a]\nca = "pki/a/ca.pem"\n', tmp_path / "directory.toml")
+    directory.root().table("forces").table("a").file_path("ca")
+    located = Provenance(_settings(tmp_path), directory.named).locate(
+        ConfigError("cannot read CA certificate of force a", file=tmp_path / "pki" / "a" / "ca.pem")
+    )
+    assert str(located).startswith(f"{tmp_path}/directory.toml:2: forces.a.ca: {tmp_path}/pki/a/ca.pem: cannot read")
+
+
+def test_an_error_naming_only_a_field_gets_the_settings_file_and_line(tmp_path: Path) -> None:
+    located = Provenance(_settings(tmp_path)).locate(ConfigError("cannot listen", field="listeners.admin"))
+    assert str(located) == f"{tmp_path}/gateway.toml:11: listeners.admin: cannot listen"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigError("bad row", file="policies/rules.csv", line=3),  # it has a line of its own
+        ConfigError("cannot read", file="/elsewhere/unnamed.pem"),  # no setting named it
+        ConfigError("no such key", field="nowhere.at_all"),  # not a key of the settings file
+        ConfigError("no file, no field"),
+    ],
+    ids=["own-line", "unnamed-file", "unknown-field", "bare"],
+)
+def test_other_errors_are_left_as_they_are(tmp_path: Path, error: ConfigError) -> None:
+    assert Provenance(_settings(tmp_path)).locate(error) is error
+
+
+def test_locating_re_raises_at_the_setting_from_the_original(tmp_path: Path) -> None:
+    provenance = Provenance(_settings(tmp_path))
+    original = ConfigError("cannot read", file=tmp_path / "pki" / "tls.pem")
+    with pytest.raises(ConfigError) as err, provenance.locating():
+        raise original
+    assert err.value.field == "tls.cert" and err.value.__cause__ is original
