@@ -235,9 +235,18 @@ class RelayClient:
             raise _unverified(host, InvalidArgument(f"relay response does not parse: {exc}")) from exc
 
     async def stream(self, call: Call) -> RelayUpstream:
-        """Open a streaming relay call toward the host force."""
+        """Open a streaming relay call toward the host force.
+
+        If opening fails or is cancelled (the caller gave up while the envelope waited to be sent),
+        the call is abandoned and a breaker probe it held is given back: a probe left out would
+        refuse every later call to the host.
+        """
         upstream = RelayUpstream(self, call)
-        await upstream.open()
+        try:
+            await upstream.open()
+        except BaseException:
+            upstream.cancel()
+            raise
         return upstream
 
 
@@ -247,6 +256,16 @@ class RelayClient:
 _NOT_AN_ANSWER = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS}
 )
+
+
+#: Statuses a relay stream may end with, unsealed, after response messages: the transport's (the link
+#: broke, the deadline passed, a message too large for one side) and those `_judge` counts as failures.
+_UNSEALED_MID_STREAM = _NOT_AN_ANSWER | {
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+}
 
 
 def _judge(breaker: Breaker, code: grpc.StatusCode, details: str, *, what: str) -> Reply:
@@ -294,28 +313,32 @@ class RelayUpstream:
         self._breaker = client.breaker(self._host)
         self._breaker.allow()
         self._reached = False
-        timeout = call.remaining(client._clock.monotonic())
-        mux = client.mux
-        self._rpc: Any
-        if mux is not None and mux.transport(self._host) == "link":
-            # Over a relay link (`gateway.muxstream`): the same frames, the host's certificate checked first.
-            try:
-                self._rpc = mux.open_stream(self._host, timeout=timeout)
-            except Unavailable:
-                self._breaker.failure()
-                raise
-        else:
-            # Response frames are parsed in `read` (see `RelayClient.unary`).
-            multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, bytes]
-            multi = client._peers.channel(self._host).stream_stream(
-                _STREAM, request_serializer=relay_pb2.RelayFrame.SerializeToString
-            )
-            self._rpc = multi(timeout=timeout)
+        try:
+            self._rpc: Any = self._start(client, call.remaining(client._clock.monotonic()))
+        except Unavailable:
+            self._breaker.failure()
+            raise
+        except BaseException:
+            self._breaker.release()  # nothing was sent: a probe this call held is given back
+            raise
         self._sent = MessageDigest()
         self._received = MessageDigest()
         self._env_digest: bytes | None = None
         self._headers: Metadata = ()
         self._reply: Reply | None = None
+
+    def _start(self, client: RelayClient, timeout: float | None) -> Any:
+        """The relay call: a stream on a relay link (`gateway.muxstream`), or a `Relay/Stream` RPC."""
+        mux = client.mux
+        if mux is not None and mux.transport(self._host) == "link":
+            # Over a relay link: the same frames, the host's certificate checked first.
+            return mux.open_stream(self._host, timeout=timeout)
+        # Response frames are parsed in `read` (see `RelayClient.unary`).
+        multi: grpc.aio.StreamStreamMultiCallable[relay_pb2.RelayFrame, bytes]
+        multi = client._peers.channel(self._host).stream_stream(
+            _STREAM, request_serializer=relay_pb2.RelayFrame.SerializeToString
+        )
+        return multi(timeout=timeout)
 
     async def _send_envelope(self, digest: bytes | None, count: int) -> None:
         env = self._client.envelope(self._call, digest=digest, count=count)
@@ -373,7 +396,7 @@ class RelayUpstream:
             try:
                 frame: Any = await self._rpc.read()
             except grpc.aio.AioRpcError as exc:
-                self._reply = _judge(self._breaker, exc.code(), exc.details() or "", what=f"relay to {self._host}")
+                self._reply = self._unsealed_end(exc)
                 return None
             if not self._reached:
                 self._reached = True
@@ -406,6 +429,23 @@ class RelayUpstream:
                 self._finish(frame.response_seal)
                 return None
             raise _unverified(self._host, InvalidArgument(f"unexpected relay frame {kind!r}"))
+
+    def _unsealed_end(self, exc: grpc.aio.AioRpcError) -> Reply:
+        """The call ended in a status, not a seal: the host's unsealed refusal, or a failure (`_judge`).
+
+        A host refuses unsealed only before its envelope verified, so before any message: a refusal
+        after messages is not its answer, whoever sent it (only the transport's statuses may end a
+        stream there, `_UNSEALED_MID_STREAM`).
+        """
+        code = exc.code()
+        if self._received.count and code not in _UNSEALED_MID_STREAM:
+            raise _unverified(
+                self._host,
+                Unauthenticated(
+                    f"relay stream ended {code.name} without a response seal after {self._received.count} message(s)"
+                ),
+            ) from exc
+        return _judge(self._breaker, code, exc.details() or "", what=f"relay to {self._host}")
 
     def _finish(self, signed: relay_pb2.Signed) -> None:
         if self._env_digest is None:

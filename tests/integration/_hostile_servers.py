@@ -16,7 +16,8 @@ import grpc
 
 __all__ = ["start_stand_in"]
 
-#: (method, request bytes or an async iterator of them, context) -> response bytes or frames
+#: (method, request bytes or an async iterator of them, context) -> response bytes or frames (a
+#: `grpc.StatusCode` among the frames ends the call with that status there)
 Behaviour = Callable[[str, Any, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[Any]]
 
 
@@ -34,6 +35,8 @@ class _Any(grpc.GenericRpcHandler):
         async def stream(requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> Any:
             out = await self._stream(method, requests, context)
             for item in out or ():
+                if isinstance(item, grpc.StatusCode):  # end the call with this status after what went before
+                    await context.abort(item, "refused, after the messages")
                 yield item
 
         if method.endswith(("/Unary", "/Search", "/GetRecord")):

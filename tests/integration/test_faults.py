@@ -435,7 +435,7 @@ def _lying_host(fnet: NetworkThread, answer: Any) -> Any:
     )
 
 
-def _lying_link_host(fnet: NetworkThread, current: dict[str, list[bytes]]) -> RelayLinkListener | None:
+def _lying_link_host(fnet: NetworkThread, current: dict[str, list[Any]]) -> RelayLinkListener | None:
     """On Surrey's relay port (if the network has one): a stand-in answering each stream with `current["frames"]`."""
     layout = fnet.layout
     if not layout.ports[SURREY].relay:
@@ -458,8 +458,12 @@ def _lying_link_host(fnet: NetworkThread, current: dict[str, list[bytes]]) -> Re
                     refusal = relay_pb2.MuxRefusal(code=code, message="Traceback: /srv/psn/gateway.py line 12")
                     items = [relay_pb2.MuxStream(id=item.id, refusal=refusal)]
                 else:
-                    items = [relay_pb2.MuxStream(id=item.id, frame=f) for f in frames]
-                    items.append(relay_pb2.MuxStream(id=item.id, end=True))
+                    items = [relay_pb2.MuxStream(id=item.id, frame=f) for f in frames if isinstance(f, bytes)]
+                    if isinstance(frames[-1], grpc.StatusCode):  # then refused, unsealed
+                        refusal = relay_pb2.MuxRefusal(code=frames[-1].value[0], message="refused, after the messages")
+                        items.append(relay_pb2.MuxStream(id=item.id, refusal=refusal))
+                    else:
+                        items.append(relay_pb2.MuxStream(id=item.id, end=True))
                 await connection.send(relay_pb2.MuxBatch(streams=items))
 
     listener = RelayLinkListener(
@@ -486,7 +490,7 @@ def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: N
         return seal_response(seal, signer)
 
     doc = casefiles_pb2.DocumentChunk(offset=0, data=b"forged", last=True).SerializeToString()
-    answers = {
+    answers: dict[str, list[Any]] = {
         "no seal": [relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=0, data=doc)).SerializeToString()],
         "garbage": [b"\xff\xff\xff"],
         "a seal of another call": [
@@ -497,7 +501,9 @@ def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: N
     # Unsealed statuses a host gateway never sends on purpose: grpc's own, with internals in their text.
     answers["an unsealed INTERNAL"] = [b"INTERNAL"]
     answers["an unsealed UNKNOWN"] = [b"UNKNOWN"]
-    current: dict[str, list[bytes]] = {}
+    # A host refuses unsealed only before its envelope verified: never after messages.
+    answers["messages, then an unsealed refusal"] = [answers["no seal"][0], grpc.StatusCode.PERMISSION_DENIED]
+    current: dict[str, list[Any]] = {}
 
     async def answer(method: str, requests: Any, context: Any) -> Any:
         async for _ in requests:
@@ -530,7 +536,7 @@ def test_a_host_whose_answer_its_seal_does_not_vouch_for_is_not_believed(fnet: N
             assert closed.status == "UNAVAILABLE" and closed.event != "stream-open", name
             # Stream messages go to the caller as they arrive (TLS pins the host); the seal, checked at the
             # end, fails the call: the forged chunk was delivered once, and counted once.
-            sent = 1 if name in ("no seal", "a seal of another call") else 0
+            sent = 1 if name in ("no seal", "a seal of another call", "messages, then an unsealed refusal") else 0
             assert closed.response_messages == sent, (name, closed.response_messages)
     finally:
         fnet.run(liar.stop(0))

@@ -175,21 +175,31 @@ class _Peers:
         return self._channel
 
 
-def _upstream(world: _World, method: str = FETCH) -> tuple[RelayUpstream, _Rpc, Call]:
-    rpc = _Rpc()
-    client = RelayClient(
+def _client(world: _World, rpc: _Rpc, clock: FakeClock | None = None) -> RelayClient:
+    return RelayClient(
         force=HA,
         gateway_id=world.directory.forces[HA].gateway_spiffe_id,
         signer=lambda: world.origin_signer,
         verifier=world.verifier(),
         peers=_Peers(rpc),  # type: ignore[arg-type]  # a fake pool
-        clock=FakeClock(time.time()),
+        clock=clock or FakeClock(time.time()),
+        breaker_failures=1,
+        breaker_cooldown=5.0,
     )
+
+
+def _call(world: _World, method: str) -> Call:
     call = Call(Listener.LOCAL, method, (), None, time.time(), 0.0)
     call.route = world.directory.route(method)
     call.principal = Principal("DC-1", HA, ("serocu",), ("investigator",), "SC")
     call.purpose = Purpose("investigation", "OP-1", "relay test")
-    return RelayUpstream(client, call), rpc, call
+    return call
+
+
+def _upstream(world: _World, method: str = FETCH) -> tuple[RelayUpstream, _Rpc, Call]:
+    rpc = _Rpc()
+    call = _call(world, method)
+    return RelayUpstream(_client(world, rpc), call), rpc, call
 
 
 def _seal(world: _World, rpc: _Rpc, call: Call, messages: list[bytes], headers: Any) -> relay_pb2.RelayFrame:
@@ -266,6 +276,69 @@ def test_sealed_headers_that_arrived_verify(world: _World) -> None:
     ]
     assert _drain(upstream) == [b"m"]
     assert asyncio.run(upstream.initial_metadata()) == (("x-app", "1"),)
+
+
+def _ended(code: grpc.StatusCode) -> Callable[[], relay_pb2.RelayFrame]:
+    def end() -> relay_pb2.RelayFrame:
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="denied by the host")
+
+    return end
+
+
+def test_an_unsealed_refusal_after_messages_is_not_the_hosts_answer(world: _World) -> None:
+    # A host refuses unsealed only before its envelope verified, so before any message: a refusal after
+    # messages is not an answer to pass on with the messages already delivered.
+    upstream, rpc, _ = _upstream(world)
+    rpc.replies = [lambda: _message_frame(0, b"unsealed data"), _ended(grpc.StatusCode.PERMISSION_DENIED)]
+    with pytest.raises(Unavailable, match="ended PERMISSION_DENIED without a response seal after 1 message"):
+        _drain(upstream)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_the_transport_may_still_end_a_stream_after_messages(world: _World, code: grpc.StatusCode) -> None:
+    upstream, rpc, _ = _upstream(world)
+    rpc.replies = [lambda: _message_frame(0, b"m"), _ended(code)]
+    try:
+        _drain(upstream)
+    except RequestRefused as exc:  # DEADLINE_EXCEEDED is raised as the call's end, not as a failed verification
+        assert "failed verification" not in exc.reason
+    else:
+        assert asyncio.run(upstream.finish()).code is code
+
+
+def test_an_unsealed_refusal_before_any_message_is_the_hosts_answer(world: _World) -> None:
+    upstream, rpc, _ = _upstream(world)
+    rpc.replies = [_ended(grpc.StatusCode.PERMISSION_DENIED)]
+    assert _drain(upstream) == []
+    assert asyncio.run(upstream.finish()).code is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_stream_given_up_while_opening_gives_back_its_breaker_probe(world: _World) -> None:
+    # The caller cancels while the envelope of a bidi stream waits to be sent (a host that reads nothing).
+    # If that call was the half-open breaker's probe, the probe must come back: else every later call to
+    # the host is refused for good ("a probe is in flight").
+    rpc = _Rpc()
+    stuck = asyncio.Event()
+
+    async def never(_frame: relay_pb2.RelayFrame) -> None:
+        await stuck.wait()
+
+    rpc.write = never  # type: ignore[method-assign]
+    clock = FakeClock(time.time())
+    client = _client(world, rpc, clock)
+    breaker = client.breaker(SURREY)
+    breaker.failure()  # open
+    clock.advance(6.0)  # past the cooldown: the next call is the probe
+
+    async def give_up() -> None:
+        opening = asyncio.ensure_future(client.stream(_call(world, REVIEW)))
+        await asyncio.sleep(0.01)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    asyncio.run(give_up())
+    breaker.allow()  # the next call may probe the host again
 
 
 def test_the_origin_sends_envelope_then_numbered_message(world: _World) -> None:
