@@ -101,8 +101,8 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "export",
         help="a self-contained bundle of records with proofs, checkpoint and keys",
         description="Write a bundle of the run of records from the first to the last in the time range (every"
-        " record between them included), each with its inclusion proof in the latest checkpoint, that"
-        " checkpoint with its cosignatures, and the keys.",
+        " record between them included) and of the records just before and after the run, each with its"
+        " inclusion proof in the latest checkpoint, that checkpoint with its cosignatures, and the keys.",
     )
     e.add_argument("db", type=Path, help="the audit log database")
     e.add_argument("--since", help="from this time (inclusive)")
@@ -115,7 +115,8 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "verify-bundle",
         help="check an exported bundle",
         description="Check a bundle on its own: the checkpoint's signature and cosignatures, each record's bytes"
-        " and inclusion proof, and that it holds every record of the run it states, each once and in order.",
+        " and inclusion proof, that it holds every record of the run it states, each once and in order, and that"
+        " the records just before and after the run were made before and after the time range.",
     )
     b.add_argument("bundle", type=Path, help="the bundle file")
     _key_options(b)

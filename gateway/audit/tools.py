@@ -100,7 +100,8 @@ __all__ = [
 COMMAND_LINE = "command line"
 
 #: The ``format`` field of every exported bundle. A bundle of this format states the run of
-#: records it holds (``start_index``, ``end_index``) and holds every one of them.
+#: records it holds (``start_index``, ``end_index``), holds every one of them, and carries the
+#: records just outside the run (``before``, ``after``) to show that the run is the whole range.
 BUNDLE_FORMAT = "psn-gateway-audit-bundle/2"
 
 #: The earlier format: records chosen by time alone, the run not stated. Still verified: its
@@ -138,6 +139,16 @@ def _record_time(data: bytes) -> str:
 def _in_range(stamp: str, since: str | None, until: str | None) -> bool:
     # Record times are fixed-width UTC, so string order is time order.
     return (since is None or stamp >= since) and (until is None or stamp < until)
+
+
+def _is_before(stamp: str, since: str | None) -> bool:
+    """Whether a record time is before a range that starts at `since` (never, if it has no start)."""
+    return since is not None and stamp < since
+
+
+def _is_after(stamp: str, until: str | None) -> bool:
+    """Whether a record time is at or after the end `until` of a range (never, if it has no end)."""
+    return until is not None and stamp >= until
 
 
 def _decode(reader: LogReader, index: int, data: bytes) -> AuditRecord:
@@ -835,37 +846,34 @@ def export_bundle(
     (stated in it): from the first record in the time range to the last one, with every record
     between them, even one whose time is just outside the range (records are numbered in the
     order they are committed, and a call's record can be committed just after a later call's).
-    So `verify_bundle` can tell that no record of the run was taken out. No record in the range:
-    an empty run, 0 to 0.
+    So `verify_bundle` can tell that no record of the run was taken out.
+
+    It also carries the records just outside the run, ``before`` (``start_index - 1``) and
+    ``after`` (``end_index``), each with its proof, or null at the start of the log and at the
+    checkpoint's end: ``before`` made before the range, ``after`` at or after its end. So
+    `verify_bundle` can tell that no record was taken off either end of the run. Where the record
+    next to the first or last one in the range is on the wrong side (a record made after the range
+    committed before the first one in it, or one made before it committed after the last), the run
+    takes it in and goes on to the next. No record in the range: an empty run where the log passes
+    from a record made before the range to one made after it (`_run_of`).
 
     Returns the bundle (JSON-ready) and notes for the operator (records left out because no
-    checkpoint covers them yet, records included from just outside the time range).
+    checkpoint covers them yet, records included from just outside the time range, an empty run).
     """
     lo, hi = _stamp(since), _stamp(until)
     notes: list[str] = []
     with reader.snapshot():
         latest, note = _anchor_checkpoint(reader)
         tree = _checked_tree(reader, latest.size, latest.root)  # so records 0..size-1 are all there
-        start = end = 0
-        for index, _, data in reader.rows(0, latest.size):
-            if _in_range(_record_time(data), lo, hi):
-                if end == 0:  # the first record in the range
-                    start = index
-                end = index + 1
+        stamps = ((index, _record_time(data)) for index, _, data in reader.rows(0, latest.size))
+        start, end = _run_of(stamps, lo, hi, latest.size)
         records = []
         outside = 0
         for index, _, data in reader.rows(start, end):
             if not _in_range(_record_time(data), lo, hi):
                 outside += 1
-            _decode(reader, index, data)
-            records.append(
-                {
-                    "index": index,
-                    "leaf_hash": tree.leaf(index).hex(),
-                    "leaf_data": data.decode("ascii"),
-                    "inclusion_proof": [p.hex() for p in tree.inclusion_proof(index, latest.size)],
-                }
-            )
+            records.append(_bundle_entry(reader, tree, latest.size, index, data))
+        before, after = (_bundle_neighbour(reader, tree, latest.size, i) for i in (start - 1, end))
         later = sum(1 for _, _, d in reader.rows(latest.size) if _in_range(_record_time(d), lo, hi))
         bundle = {
             "format": BUNDLE_FORMAT,
@@ -875,6 +883,8 @@ def export_bundle(
             "until": hi,
             "start_index": start,
             "end_index": end,
+            "before": before,
+            "after": after,
             "checkpoint": {"size": latest.size, "root": latest.root.hex(), "note": note.text().decode("utf-8")},
             "log_keys": [{"vkey": v, "certificate": _pem(c)} for v, c in reader.log_keys()],
             "witness_keys": [{"name": n, "vkey": v, "certificate": _pem(c)} for n, v, c in reader.witness_keys()],
@@ -882,8 +892,13 @@ def export_bundle(
         }
     if outside:
         notes.append(
-            f"{outside} record(s) whose time is outside the range are included: they lie between records in it,"
-            " and a bundle holds every record of its run"
+            f"{outside} record(s) whose time is outside the range are included: committed out of time order, they"
+            " lie inside the run, and a bundle holds every record of its run"
+        )
+    if start == end:
+        notes.append(
+            f"no record the checkpoint covers is in the range: the bundle holds none, and shows where the range"
+            f" falls in the log ({_empty_run(start, latest.size)})"
         )
     if later:
         notes.append(
@@ -891,6 +906,61 @@ def export_bundle(
             " the bundle: export again after the next checkpoint"
         )
     return bundle, notes
+
+
+def _run_of(stamps: Iterable[tuple[int, str]], since: str | None, until: str | None, size: int) -> tuple[int, int]:
+    """The run [start, end) of a bundle for [since, until), from each record's (index, time), in index order.
+
+    From the first record in the range to the last; then, at either end, out over any records on the
+    wrong side of it, so that record ``start - 1`` (if any) is before the range and record ``end``
+    (if any) at or after its end. With no record in the range, the empty run at the first record
+    made at or after its end (``size`` if none): every record before it was made before the range.
+    """
+    last_before = -1  # the last record before the range, so far
+    first_in: int | None = None
+    next_after: int | None = None  # the first record after the range since the last one in it
+    start = 0
+    for index, stamp in stamps:
+        before, after = _is_before(stamp, since), _is_after(stamp, until)
+        if not before and not after:
+            if first_in is None:
+                first_in, start = index, last_before + 1
+            next_after = None
+            continue
+        if before and first_in is None:
+            last_before = index
+        if after and next_after is None:
+            next_after = index
+    end = size if next_after is None else next_after
+    return (end, end) if first_in is None else (start, end)
+
+
+def _empty_run(at: int, size: int) -> str:
+    """Where an empty run at `at` shows that a range falls, for a note."""
+    if size == 0:
+        return "its checkpoint covers no record"
+    if at == 0:
+        return "record 0, the first of the log, was made after the range"
+    if at == size:
+        return f"record {at - 1}, the last its checkpoint covers, was made before the range"
+    return f"record {at - 1}, made before the range, is followed by record {at}, made after it"
+
+
+def _bundle_entry(reader: LogReader, tree: MerkleTree, size: int, index: int, data: bytes) -> dict[str, Any]:
+    """Record `index` as a bundle holds it: its bytes, leaf hash and inclusion proof in the tree of `size`."""
+    _decode(reader, index, data)
+    return {
+        "index": index,
+        "leaf_hash": tree.leaf(index).hex(),
+        "leaf_data": data.decode("ascii"),
+        "inclusion_proof": [p.hex() for p in tree.inclusion_proof(index, size)],
+    }
+
+
+def _bundle_neighbour(reader: LogReader, tree: MerkleTree, size: int, index: int) -> dict[str, Any] | None:
+    """Record `index` as a bundle holds it, or None if the checkpoint of `size` does not cover it."""
+    data = reader.record(index) if 0 <= index < size else None
+    return None if data is None else _bundle_entry(reader, tree, size, index, data)
 
 
 def _pem(cert: bytes | None) -> str | None:
@@ -952,19 +1022,27 @@ def _check_bundle_shape(bundle: dict[str, Any]) -> None:
         need(key, "vkey", str)
         if key.get("certificate") is not None:
             need(key, "certificate", str)
-    for rec in need(bundle, "records", list):
+
+    def need_record(rec: Any) -> None:
         need(rec, "index", int)
         need(rec, "leaf_hash", str)
         need(rec, "leaf_data", str)
         for element in need(rec, "inclusion_proof", list):
             if not isinstance(element, str):
                 raise TypeError("inclusion_proof holds non-strings")
+
+    for rec in need(bundle, "records", list):
+        need_record(rec)
     for key in ("since", "until"):
         if bundle.get(key) is not None:
             need(bundle, key, str)
     if bundle["format"] == BUNDLE_FORMAT:
         need(bundle, "start_index", int)
         need(bundle, "end_index", int)
+        # A neighbour left out (absent or null) is a finding where one must be, not a malformed bundle.
+        for key in ("before", "after"):
+            if bundle.get(key) is not None:
+                need_record(need(bundle, key, dict))
 
 
 def _unhex(text: str) -> bytes:
@@ -978,8 +1056,10 @@ def verify_bundle(bundle: Mapping[str, Any], anchors: TrustAnchors) -> VerifyRep
     """Check a bundle (from `read_bundle`): the checkpoint's signature and cosignatures, and its records.
 
     The records must be the run the bundle states, each once and in order (`_check_bundle_records`),
-    each with a good inclusion proof. A bundle of the earlier format 1 states no run: its records
-    must be contiguous, and a note says that a record missing at either end cannot be detected.
+    each with a good inclusion proof, and the records just outside the run must be there, with good
+    proofs, made before the range and at or after its end (`_check_bundle_edges`). A bundle of the
+    earlier format 1 states no run: its records must be contiguous, and a note says that a record
+    missing at either end cannot be detected.
     """
     started = time.perf_counter()
     origin = bundle["origin"]
@@ -1048,12 +1128,28 @@ def _check_bundle_records(bundle: Mapping[str, Any], size: int, root: bytes) -> 
     findings: list[Finding] = []
     notes: list[str] = []
     for rec in bundle["records"]:
-        problems, note = _check_bundle_record(rec, size, root, since, until, at_end=rec["index"] in (start, end - 1))
-        findings += problems
-        if note is not None:
-            notes.append(note)
+        index = rec["index"]
+        problems, record = _check_bundle_leaf(rec, index, size, root)
+        if record is not None and not _in_range(record.time, since, until):
+            edge = _edge_time(record.time, index, start, end, since=since, until=until, stated=stated)
+            if edge is not None:
+                problems.append(edge)
+            else:
+                notes.append(
+                    f"record {index}: its time {record.time} is outside the bundle's range, but it lies inside the"
+                    " run (committed out of time order): it is there so that the bundle holds every record of its run"
+                )
+        findings += [Finding("record", index, f"record {index}: {p}") for p in problems]
     findings += _check_bundle_run(bundle["records"], start, end, stated, size)
-    if not stated:
+    if stated:
+        edges = _check_bundle_edges(bundle, start, end, size, root)
+        findings += edges
+        if start == end and not edges:
+            notes.append(
+                f"the bundle holds no record: {_empty_run(start, size)}; a record in the range could be elsewhere"
+                " in the log only if committed out of time order with these"
+            )
+    else:
         notes.append(
             f"the bundle, of the earlier format {_BUNDLE_FORMAT_1}, does not state which records it holds: a record"
             f" missing at either end of {_run(start, end)} cannot be detected (export again for a bundle that does)"
@@ -1061,43 +1157,108 @@ def _check_bundle_records(bundle: Mapping[str, Any], size: int, root: bytes) -> 
     return sorted(findings, key=lambda f: f.position), notes
 
 
-def _check_bundle_record(
-    rec: Mapping[str, Any], size: int, root: bytes, since: str | None, until: str | None, *, at_end: bool
-) -> tuple[list[Finding], str | None]:
-    """One record: its bytes, leaf hash, index, time and inclusion proof; findings and a note.
+def _edge_time(
+    stamp: str, index: int, start: int, end: int, *, since: str | None, until: str | None, stated: bool
+) -> str | None:
+    """What is wrong with a record at an end of the run whose time `stamp` is outside the range, if anything.
 
-    A time outside the bundle's range is a finding at either end of the run (`at_end`: the export
-    chose the run by time) and a note inside it (the export includes it so that the run is whole).
+    A format 2 export may take in, at the start of its run, records made after the range (committed
+    before the first one in it), and at the end records made before it: never a first record made
+    before the range or a last one made after it, which would be the neighbour instead. A format 1
+    export held only records in the range. Inside the run, a record outside the range is a note.
     """
-    index = rec["index"]
-    where = f"record {index}"
+    if not stated:
+        return f"its time {stamp} is outside the bundle's range" if index in (start, end - 1) else None
+    if index == start and _is_before(stamp, since):
+        return f"its time {stamp} is before the bundle's range, yet the run starts with it"
+    if index == end - 1 and _is_after(stamp, until):
+        return f"its time {stamp} is after the bundle's range, yet the run ends with it"
+    return None
+
+
+def _check_bundle_leaf(
+    rec: Mapping[str, Any], index: int, size: int, root: bytes
+) -> tuple[list[str], AuditRecord | None]:
+    """A record of a bundle as record `index`: its bytes, leaf hash, embedded index and inclusion proof.
+
+    Returns what is wrong with it and the record decoded (None if its bytes are not a record).
+    """
     try:
         data = rec["leaf_data"].encode("ascii")
     except UnicodeEncodeError:
-        return [Finding("record", index, f"{where}: its bytes are not ASCII: changed")], None
+        return ["its bytes are not ASCII: changed"], None
     h = leaf_hash(data)
     problems = []
-    note = None
+    record = None
     if h.hex() != rec["leaf_hash"]:
         problems.append("its bytes do not match its leaf hash: changed")
     if embedded_index(data) != index:
         problems.append(f"its bytes say it is record {embedded_index(data)}: moved")
     try:
         record = AuditRecord.decode(data)
-        if at_end and not _in_range(record.time, since, until):
-            problems.append(f"its time {record.time} is outside the bundle's range")
-        elif not _in_range(record.time, since, until):
-            note = (
-                f"{where}: its time {record.time} is outside the bundle's range, but it lies between records in"
-                " the range: it is there so that the bundle holds every record of its run"
-            )
     except RecordError as exc:
         problems.append(f"not a valid record: {exc.message}")
     try:
         verify_inclusion(h, index, size, [_unhex(p) for p in rec["inclusion_proof"]], root)
     except ProofError as exc:
         problems.append(f"its inclusion proof fails: {exc.reason}")
-    return [Finding("record", index, f"{where}: {p}") for p in problems], note
+    return problems, record
+
+
+def _check_bundle_edges(bundle: Mapping[str, Any], start: int, end: int, size: int, root: bytes) -> list[Finding]:
+    """The records just outside a format 2 bundle's run: there (unless the run reaches an end), and outside the range.
+
+    Record ``start - 1`` (``before``) must be made before the range, record ``end`` (``after``) at
+    or after its end, each with its bytes and a good proof at that index. The stated run is not
+    signed, but these records are: a record in the range taken off an end of the run, with the run
+    shortened to match, leaves a neighbour that is in the range, or none, or one at another index.
+    """
+    if not 0 <= start <= end <= size:
+        return []  # not a run of the checkpoint at all: a finding of its own (`_check_bundle_run`)
+    return [
+        *_check_neighbour(bundle, "before", start - 1, size, root),
+        *_check_neighbour(bundle, "after", end, size, root),
+    ]
+
+
+def _check_neighbour(bundle: Mapping[str, Any], key: str, index: int, size: int, root: bytes) -> list[Finding]:
+    """The bundle's `key` record (``before`` or ``after``), which must be record `index` if the checkpoint covers it."""
+    since, until = bundle.get("since"), bundle.get("until")
+    rec = bundle.get(key)
+    edge = "start" if key == "before" else "end"
+    where = f"record {index}, just {key} the run"
+    if not 0 <= index < size:
+        if rec is None:
+            return []
+        bound = "the log starts with the run" if key == "before" else "the run ends at the checkpoint's end"
+        return [Finding("record", max(index, 0), f"the bundle holds a record {key} its run, but {bound}")]
+    if rec is None:
+        return [
+            Finding(
+                "record",
+                index,
+                f"{where}, is not in the bundle: without it, a record in the range left out at the {edge} of the run"
+                " cannot be ruled out",
+            )
+        ]
+    if rec["index"] != index:
+        return [Finding("record", index, f"{where}: the bundle gives record {rec['index']} there instead")]
+    problems, record = _check_bundle_leaf(rec, index, size, root)
+    if record is not None:
+        beyond = _is_before(record.time, since) if key == "before" else _is_after(record.time, until)
+        if _in_range(record.time, since, until):
+            problems.append(
+                f"its time {record.time} is in the bundle's range: a record in the range was left out at the {edge}"
+                " of the run"
+            )
+        elif not beyond:
+            # Outside the range on the wrong side: the run was cut at a record committed out of time order.
+            side, other = ("after", "before") if key == "before" else ("before", "after")
+            problems.append(
+                f"its time {record.time} is {side} the bundle's range, not {other} it: records in the range may have"
+                f" been left out at the {edge} of the run"
+            )
+    return [Finding("record", index, f"{where}: {p}") for p in problems]
 
 
 def _bundle_run(bundle: Mapping[str, Any]) -> tuple[int, int, bool]:

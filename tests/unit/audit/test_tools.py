@@ -727,12 +727,66 @@ def _state_a_shorter_run(b: dict[str, Any]) -> None:
     b["start_index"] = 6
 
 
+def _take_the_last_record_off_the_run(b: dict[str, Any]) -> None:
+    # The attack the records around the run stop: the last record moved out, the run shortened to match.
+    b["after"] = b["records"].pop()
+    b["end_index"] -= 1
+
+
+def _take_the_first_record_off_the_run(b: dict[str, Any]) -> None:
+    b["before"] = b["records"].pop(0)
+    b["start_index"] += 1
+
+
+def _take_the_last_record_off_keeping_the_one_after(b: dict[str, Any]) -> None:
+    del b["records"][-1]
+    b["end_index"] -= 1
+
+
+def _take_the_last_record_off_without_one_after(b: dict[str, Any]) -> None:
+    del b["records"][-1]
+    b["end_index"] -= 1
+    b["after"] = None
+
+
+def _take_the_last_record_off_and_restamp_it(b: dict[str, Any]) -> None:
+    record = b["records"].pop()
+    record["leaf_data"] = record["leaf_data"].replace(format_time(T0 + 8 * HOURS), format_time(T0 + 20 * HOURS))
+    record["leaf_hash"] = leaf_hash(record["leaf_data"].encode()).hex()
+    b["after"] = record
+    b["end_index"] -= 1
+
+
+def _state_an_empty_run(b: dict[str, Any]) -> None:
+    # "Nothing in the range", placed between records 8 and 9 (the record after the run stays 9).
+    b["before"] = b["records"][-1]
+    b["records"] = []
+    b["start_index"] = b["end_index"]
+
+
+def _change_the_record_after(b: dict[str, Any]) -> None:
+    b["after"]["leaf_data"] = b["after"]["leaf_data"].replace(format_time(T0 + 9 * HOURS), format_time(T0 + 10 * HOURS))
+
+
+def _change_the_proof_of_the_record_before(b: dict[str, Any]) -> None:
+    b["before"]["inclusion_proof"][0] = "00" * 32
+
+
+def _leave_out_the_record_before(b: dict[str, Any]) -> None:
+    del b["before"]
+
+
+def _leave_out_the_record_after(b: dict[str, Any]) -> None:
+    b["after"] = None
+
+
 BUNDLE_TAMPERING = [
     ("change a record", _tamper_bundle_record, r"^record 6: its bytes do not match its leaf hash"),
     ("change a proof", _tamper_bundle_proof, r"^record 5: its inclusion proof fails"),
     ("replace the checkpoint", _tamper_bundle_checkpoint, r"^checkpoint 40: not validly signed"),
     ("renumber a record", _tamper_bundle_index, r"^record 6: its bytes say it is record 5"),
-    ("narrow the stated range", _tamper_bundle_range, r"time .* is outside the bundle's range"),
+    ("narrow the stated range", _tamper_bundle_range,
+     r"^record 8: its time \S+ is after the bundle's range, yet the run ends with it$"),
     ("take out a record", _take_out_a_record,
      r"^record 7 is missing from the bundle, which states records 5\.\.8: taken out of it$"),
     ("take out the first record", _take_out_the_first_record, r"^record 5 is missing from the bundle, which states"),
@@ -745,6 +799,29 @@ BUNDLE_TAMPERING = [
      r"^the bundle states the records from 5 up to 41: not a run of the 40 records its checkpoint covers$"),
     ("state a shorter run", _state_a_shorter_run,
      r"^record 5: it is outside the run of records the bundle states \(records 6\.\.8\)$"),
+    ("take the last record off the run", _take_the_last_record_off_the_run,
+     r"^record 8, just after the run: its time \S+ is in the bundle's range: a record in the range was left out at"
+     r" the end of the run$"),
+    ("take the first record off the run", _take_the_first_record_off_the_run,
+     r"^record 5, just before the run: its time \S+ is in the bundle's range: a record in the range was left out at"
+     r" the start of the run$"),
+    ("take the last record off, keeping the one after", _take_the_last_record_off_keeping_the_one_after,
+     r"^record 8, just after the run: the bundle gives record 9 there instead$"),
+    ("take the last record off, without one after", _take_the_last_record_off_without_one_after,
+     r"^record 8, just after the run, is not in the bundle: without it, a record in the range left out at the end of"
+     r" the run cannot be ruled out$"),
+    ("take the last record off and restamp it", _take_the_last_record_off_and_restamp_it,
+     r"^record 8, just after the run: its inclusion proof fails"),
+    ("state an empty run", _state_an_empty_run,
+     r"^record 8, just before the run: its time \S+ is in the bundle's range"),
+    ("change the record after the run", _change_the_record_after,
+     r"^record 9, just after the run: its bytes do not match its leaf hash: changed$"),
+    ("change the proof of the record before the run", _change_the_proof_of_the_record_before,
+     r"^record 4, just before the run: its inclusion proof fails"),
+    ("leave out the record before the run", _leave_out_the_record_before,
+     r"^record 4, just before the run, is not in the bundle"),
+    ("leave out the record after the run", _leave_out_the_record_after,
+     r"^record 9, just after the run, is not in the bundle"),
 ]  # fmt: skip
 
 
@@ -773,6 +850,7 @@ def test_a_bundle_states_its_run_and_holds_every_record_of_it(
     bundle = json.loads(out.read_bytes())
     assert bundle["format"] == "psn-gateway-audit-bundle/2"
     assert (bundle["start_index"], bundle["end_index"]) == (5, 9)
+    assert (bundle["before"]["index"], bundle["after"]["index"]) == (4, 9)
     del bundle["records"][2]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(bundle))
@@ -809,17 +887,30 @@ def test_a_bundle_of_the_earlier_format_is_still_verified_for_a_gap(
     assert report["first"].startswith("record 6 is missing from the bundle, between records 5 and 7: taken out, or")
 
 
+def _log_at(db: Path, hours: tuple[float, ...]) -> Path:
+    """A log whose record i was made at T0 + hours[i] * HOURS, every record under one checkpoint."""
+    log = new_log(db, checkpoint_every=len(hours))
+    log.open()
+    for i, h in enumerate(hours):
+        log.append_blocking(make_record(i, when=T0 + h * HOURS))
+    log.wait_checkpoint(len(hours))
+    log.close_blocking()
+    return db
+
+
+def _verify_bundle(capsys: pytest.CaptureFixture[str], path: Path, bundle: dict[str, Any] | None = None) -> Any:
+    """verify-bundle's exit status and JSON report, of `bundle` written to `path` (or of the file as it is)."""
+    if bundle is not None:
+        path.write_text(json.dumps(bundle))
+    code, text, _ = _run(capsys, "verify-bundle", str(path), "--vkey", log_verifier(TV).vkey(), "--json")
+    return code, json.loads(text)
+
+
 def test_export_holds_the_whole_run_where_records_are_committed_out_of_time_order(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Record 3 was made before record 1 but committed after record 2: a bundle from 1h to 5h holds it too.
-    db = tmp_path / "jitter.db"
-    log = new_log(db, checkpoint_every=6)
-    log.open()
-    for i, hours in enumerate((0, 1, 2, 0.5, 4, 5)):
-        log.append_blocking(make_record(i, when=T0 + hours * HOURS))
-    log.wait_checkpoint(6)
-    log.close_blocking()
+    db = _log_at(tmp_path / "jitter.db", (0, 1, 2, 0.5, 4, 5))
     out = tmp_path / "bundle.json"
     code, _, err = _run(capsys, "export", str(db), "--since", format_time(T0 + HOURS), "--until",
                         format_time(T0 + 5 * HOURS), str(out))  # fmt: skip
@@ -827,18 +918,110 @@ def test_export_holds_the_whole_run_where_records_are_committed_out_of_time_orde
     bundle = json.loads(out.read_bytes())
     assert (bundle["start_index"], bundle["end_index"]) == (1, 5)
     assert [r["index"] for r in bundle["records"]] == [1, 2, 3, 4]
-    code, text, _ = _run(capsys, "verify-bundle", str(out), "--vkey", log_verifier(TV).vkey(), "--json")
-    report = json.loads(text)
+    assert (bundle["before"]["index"], bundle["after"]["index"]) == (0, 5)
+    code, report = _verify_bundle(capsys, out)
     assert code == 0 and report["ok"]
     assert report["notes"] == [
-        f"record 3: its time {format_time(T0 + 0.5 * HOURS)} is outside the bundle's range, but it lies between"
-        " records in the range: it is there so that the bundle holds every record of its run"
+        f"record 3: its time {format_time(T0 + 0.5 * HOURS)} is outside the bundle's range, but it lies inside the"
+        " run (committed out of time order): it is there so that the bundle holds every record of its run"
     ]
-    code, _, _ = _run(capsys, "export", str(db), "--since", "2030-01-01", str(tmp_path / "empty.json"))
-    empty = json.loads((tmp_path / "empty.json").read_bytes())
-    assert code == 0 and (empty["start_index"], empty["end_index"], empty["records"]) == (0, 0, [])
-    code, _, _ = _run(capsys, "verify-bundle", str(tmp_path / "empty.json"), "--vkey", log_verifier(TV).vkey())
-    assert code == 0
+    # The run cut at record 3, which was made before the range, hides record 4, made in it: record 3 cannot
+    # stand as the record after the run.
+    bundle["after"] = bundle["records"][2]
+    del bundle["records"][2:]
+    bundle["end_index"] = 3
+    code, report = _verify_bundle(capsys, tmp_path / "cut.json", bundle)
+    assert code == 1
+    assert report["first"] == (
+        f"record 3, just after the run: its time {format_time(T0 + 0.5 * HOURS)} is before the bundle's range, not"
+        " after it: records in the range may have been left out at the end of the run"
+    )
+
+
+def test_the_run_takes_in_records_committed_out_of_time_order_at_its_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # From 1h to 2h only record 2 is in the range. Record 1, made after the range, was committed before it, and
+    # record 3, made before the range, after it: neither can stand as the record around the run, so the run takes
+    # them in, and records 0 and 4 stand around it.
+    db = _log_at(tmp_path / "jitter.db", (0, 3, 1.5, 0.5, 4))
+    out = tmp_path / "bundle.json"
+    code, _, err = _run(capsys, "export", str(db), "--since", format_time(T0 + HOURS), "--until",
+                        format_time(T0 + 2 * HOURS), str(out))  # fmt: skip
+    assert code == 0 and "2 record(s) whose time is outside the range are included" in err
+    bundle = json.loads(out.read_bytes())
+    assert (bundle["start_index"], bundle["end_index"]) == (1, 4)
+    assert (bundle["before"]["index"], bundle["after"]["index"]) == (0, 4)
+    code, report = _verify_bundle(capsys, out)
+    assert code == 0 and report["ok"] and len(report["notes"]) == 2
+    # Cut down to record 2 alone, the records around it are on the wrong sides of the range.
+    first, middle, last = bundle["records"]
+    bundle.update(before=first, records=[middle], after=last, start_index=2, end_index=3)
+    code, report = _verify_bundle(capsys, tmp_path / "cut.json", bundle)
+    assert code == 1
+    assert [f["message"] for f in report["findings"]] == [
+        f"record 1, just before the run: its time {format_time(T0 + 3 * HOURS)} is after the bundle's range, not"
+        " before it: records in the range may have been left out at the start of the run",
+        f"record 3, just after the run: its time {format_time(T0 + 0.5 * HOURS)} is before the bundle's range, not"
+        " after it: records in the range may have been left out at the end of the run",
+    ]
+
+
+EDGES = [
+    ("the start of the log", ["--until", format_time(T0 + 3 * HOURS)], (0, 3), (None, 3)),
+    ("the checkpoint's end", ["--since", format_time(T0 + 37 * HOURS)], (37, N), (36, None)),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "run", "around"), EDGES, ids=[e[0] for e in EDGES])
+def test_a_bundle_at_an_end_of_the_log_has_no_record_beyond_it(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, argv: list[str], run: tuple[int, int],
+    around: tuple[int | None, int | None],
+) -> None:  # fmt: skip
+    bundle = _export(db, capsys, tmp_path / "bundle.json", *argv)
+    assert (bundle["start_index"], bundle["end_index"]) == run
+    assert tuple(r and r["index"] for r in (bundle["before"], bundle["after"])) == around
+    code, report = _verify_bundle(capsys, tmp_path / "bundle.json")
+    assert code == 0 and report["ok"] and report["notes"] == []
+    # A record beyond the end of the log (or of the checkpoint) cannot be there.
+    side = "before" if around[0] is None else "after"
+    bundle[side] = bundle["after" if side == "before" else "before"]
+    code, report = _verify_bundle(capsys, tmp_path / "bad.json", bundle)
+    bound = "the log starts with the run" if side == "before" else "the run ends at the checkpoint's end"
+    assert code == 1 and report["first"] == f"the bundle holds a record {side} its run, but {bound}"
+
+
+EMPTY = [
+    ("between two records", ["--since", format_time(T0 + 5.25 * HOURS), "--until", format_time(T0 + 5.5 * HOURS)],
+     6, (5, 6), "record 5, made before the range, is followed by record 6, made after it"),
+    ("before the log", ["--until", format_time(T0 - HOURS)],
+     0, (None, 0), "record 0, the first of the log, was made after the range"),
+    ("after the checkpoint", ["--since", "2030-01-01"],
+     N, (N - 1, None), f"record {N - 1}, the last its checkpoint covers, was made before the range"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "argv", "at", "around", "where"), EMPTY, ids=[e[0] for e in EMPTY])
+def test_an_empty_bundle_shows_where_the_range_falls(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, argv: list[str], at: int,
+    around: tuple[int | None, int | None], where: str,
+) -> None:  # fmt: skip
+    out = tmp_path / "empty.json"
+    code, text, err = _run(capsys, "export", str(db), *argv, str(out))
+    assert code == 0 and text.startswith(f"wrote {out}: 0 records, ")
+    assert err == (
+        "psngw: no record the checkpoint covers is in the range: the bundle holds none, and shows where the range"
+        f" falls in the log ({where})\n"
+    )
+    bundle = json.loads(out.read_bytes())
+    assert (bundle["start_index"], bundle["end_index"], bundle["records"]) == (at, at, [])
+    assert tuple(r and r["index"] for r in (bundle["before"], bundle["after"])) == around
+    code, report = _verify_bundle(capsys, out)
+    assert code == 0 and report["ok"]
+    assert report["notes"] == [
+        f"the bundle holds no record: {where}; a record in the range could be elsewhere in the log only if committed"
+        " out of time order with these"
+    ]
 
 
 @pytest.mark.parametrize("content", [b"", b"{}", b"[1]", b'{"format": "psn-gateway-audit-bundle/1"}', b"\xff"])
