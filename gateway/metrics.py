@@ -37,10 +37,11 @@ import re
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from itertools import pairwise
 from operator import itemgetter
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from gateway import __version__
 
@@ -769,6 +770,17 @@ class GatewayMetrics:
         Cosignatures needed for quorum.
     ``psngw_witness_quorum_reached`` gauge
         1 when the latest checkpoint has quorum. Alert when 0 for long.
+    ``psngw_witness_conflicts_total{origin, kind}`` counter
+        At this gateway's witness: submissions by a peer force's log, validly signed by
+        its key, that showed ``kind``: ``rollback`` (a checkpoint smaller than one this
+        witness cosigned), ``fork`` (that size with another root) or ``bad-proof`` (a
+        consistency proof from the cosigned checkpoint that fails). ``origin`` is the
+        log (``<force>.<network>/audit``). The evidence is kept in the witness database
+        (``psngw audit witness-conflicts``). Any increase is an incident: alert on it.
+    ``psngw_log_witness_disputes{witness}`` gauge
+        At this force's log: 1 once that peer's witness has reported this log rolled
+        back or forked (until the gateway restarts). Alert on 1 (see
+        `watch_log_disputes`).
 
     Peers
 
@@ -852,6 +864,16 @@ class GatewayMetrics:
         self.witness_quorum_reached = r.gauge(
             "psngw_witness_quorum_reached", "1 when the latest checkpoint has witness quorum."
         )
+        self.witness_conflicts = r.counter(
+            "psngw_witness_conflicts_total",
+            "Submissions by a peer force's log that showed a rollback or a fork to this gateway's witness.",
+            ("origin", "kind"),
+        )
+        self.log_witness_disputes = r.gauge(
+            "psngw_log_witness_disputes",
+            "1 once the peer's witness has reported this force's log rolled back or forked.",
+            ("witness",),
+        )
         self.peer_circuit_open = r.gauge(
             "psngw_peer_circuit_open", "1 while calls to the force's gateway are short-circuited.", ("force",)
         )
@@ -864,6 +886,20 @@ class GatewayMetrics:
     def set_policy_version(self, version: str) -> None:
         """Show `version` as the one policy in force (``psngw_policy_info{version} 1``)."""
         self.policy_info.replace(1, version=version)
+
+    def watch_log_disputes(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """Read ``psngw_log_witness_disputes`` from the audit log's `status` at each scrape.
+
+        One series per witness in ``status()["witnesses"]`` now: call it once the witnesses are
+        registered. A series is 1 while that witness's ``equivocation`` is true.
+        """
+        for name in status()["witnesses"]:
+            self.log_witness_disputes.set_function(partial(_disputed, status, name), witness=name)
+
+
+def _disputed(status: Callable[[], Mapping[str, Any]], witness: str) -> float:
+    entry = status()["witnesses"].get(witness)
+    return 1.0 if entry is not None and entry["equivocation"] else 0.0
 
 
 # -- benchmark ------------------------------------------------------------------

@@ -40,6 +40,7 @@ from gateway._proto.psn.gateway.v1 import relay_pb2, witness_pb2
 from gateway.admin import AdminServer
 from gateway.audit.recorder import AuditRecorder
 from gateway.audit.setup import build_transparency, log_public_key
+from gateway.audit.witness import ConflictEvidence, conflict_kind
 from gateway.audit.witness_grpc import ADD_CHECKPOINT, witness_reply
 from gateway.breaker import BreakerState
 from gateway.clock import Clock, SystemClock
@@ -852,6 +853,13 @@ class Gateway:
             "force": self.force,
             "version": __version__,
             "audit": audit,
+            # This gateway's witness: rollbacks and forks of peer logs it has evidence of (empty: none).
+            "witness": {
+                "name": self.transparency.witness.name,
+                "conflicts": self.transparency.witness.conflict_summary(),
+            },
+            # The peers' witnesses that report this force's log rolled back or forked.
+            "disputed_by": sorted(name for name, w in audit["witnesses"].items() if w["equivocation"]),
             "crl": crls,
             "expiring_certificates": [{"certificate": c, "days_left": round(d, 1)} for c, d in self.expiring],
             "reload_errors": self.reload_errors,
@@ -896,6 +904,7 @@ class Gateway:
         m.witness_quorum_required.set(float(self.config.audit.witness_quorum))
         m.witness_quorum_reached.set_function(lambda: 1.0 if self.audit_log.status()["quorum"]["reached"] else 0.0)
         m.checkpoint_cosignatures.set_function(self._cosignatures)
+        m.watch_log_disputes(self.audit_log.status)  # the witnesses are registered by now (start)
         self.audit_log.on_commit = self._observe_commit
         if self.relay.mux is not None:
             self.relay.mux.on_sent = self._observe_relay_message
@@ -1332,15 +1341,26 @@ class Gateway:
             except DecodeError as exc:
                 raise InvalidArgument(f"witness request does not parse: {exc}") from exc
             origin = f"{self._directory.forces[call.peer.force].trust_domain}/audit"
-            return await witness_reply(self.transparency.witness, request, submitter_origin=origin)
+
+            def count(evidence: ConflictEvidence) -> None:  # the witness kept it and logged it at ERROR
+                self.metrics.witness_conflicts.inc(origin=evidence.origin, kind=evidence.kind.value)
+
+            return await witness_reply(
+                self.transparency.witness,
+                request,
+                submitter_origin=origin,
+                submitter=call.peer.spiffe_id,
+                on_conflict=count,
+            )
         except GatewayError as exc:
             code = status_for(exc)
-            log.warning(
-                "witness refused a checkpoint from %s: %s",
-                call.peer.spiffe_id if call.peer else "an unverified peer",
-                exc.reason,
-                extra={"request_id": call.request_id, "status": code.name},
-            )
+            if conflict_kind(exc) is None:  # evidence of a rollback or fork was logged at ERROR already
+                log.warning(
+                    "witness refused a checkpoint from %s: %s",
+                    call.peer.spiffe_id if call.peer else "an unverified peer",
+                    exc.reason,
+                    extra={"request_id": call.request_id, "status": code.name},
+                )
             await context.abort(code, exc.public)
             raise  # abort() raised already; this keeps type checkers informed
 

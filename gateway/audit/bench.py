@@ -28,7 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.merkle import MerkleTree, leaf_hash
-from gateway.audit.note import Checkpoint, NoteSigner, sign_note
+from gateway.audit.note import Checkpoint, CosignatureSigner, NoteSigner, sign_note
 from gateway.audit.record import AuditRecord, format_time
 from gateway.audit.recorder import record_for
 from gateway.audit.store import AuditConfig, AuditLog, LogReader
@@ -44,6 +44,8 @@ from gateway.principal import Principal, Purpose
 __all__ = ["bench_append", "bench_call_path", "bench_verify", "sample_call", "sample_record"]
 
 _ORIGIN = "bench.se.psn/audit"
+#: another force's witness, which cosigns the benchmark log's last checkpoint
+_PEER_WITNESS = "peer.se.psn/witness"
 
 
 def sample_record(i: int, *, now: float = 1_800_000_000.0) -> AuditRecord:
@@ -143,8 +145,12 @@ def bench_append(records: int = 20_000, appenders: int = 256, *, directory: Path
         return asyncio.run(run(Path(tmp)))
 
 
-def _build_log(db: Path, signer: NoteSigner, records: int, every: int) -> None:
-    """Write a log of `records` sample records with a checkpoint every `every`, directly (fast)."""
+def _build_log(db: Path, signer: NoteSigner, records: int, every: int, witness: CosignatureSigner) -> None:
+    """Write a log of `records` sample records with a checkpoint every `every`, directly (fast).
+
+    The last checkpoint is cosigned by `witness` (another force's, as `verify_log` requires), which
+    vouches for the earlier ones as its prefix.
+    """
     log = AuditLog(AuditConfig(db=db), origin=_ORIGIN, signer=signer, clock=SystemClock())
     log.open()
     log.close_blocking()
@@ -160,11 +166,18 @@ def _build_log(db: Path, signer: NoteSigner, records: int, every: int) -> None:
         if tree.size % every == 0 or i == records - 1:
             conn.executemany("INSERT INTO records (idx, leaf_hash, data) VALUES (?, ?, ?)", batch)
             batch = []
-            note = sign_note(Checkpoint(_ORIGIN, tree.size, tree.root()).body(), [signer])
+            body = Checkpoint(_ORIGIN, tree.size, tree.root()).body()
+            note = sign_note(body, [signer])
             conn.execute(
                 "INSERT INTO checkpoints (size, root, note, signed_at) VALUES (?, ?, ?, ?)",
                 (tree.size, tree.root(), note.text(), time.time()),
             )
+    now = int(time.time())
+    conn.execute("INSERT INTO witness_keys VALUES (?, ?, NULL, ?)", (witness.vkey(), witness.name, now))
+    conn.execute(
+        "INSERT INTO cosignatures VALUES (?, ?, ?, ?, ?)",
+        (tree.size, witness.name, witness.cosign(body, now).line(), now, now),
+    )
     conn.execute("COMMIT")
     conn.close()
 
@@ -176,10 +189,13 @@ def bench_verify(records: int = 200_000, *, every: int = 1000, directory: Path |
     nothing else), ``verify_vs_sha256``, and ``checkpoints``.
     """
     signer = NoteSigner(_ORIGIN, Ed25519PrivateKey.generate())
+    witness = CosignatureSigner(_PEER_WITNESS, Ed25519PrivateKey.generate())
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         db = Path(tmp) / "verify.db"
-        _build_log(db, signer, records, every)
-        anchors = TrustAnchors(log_verifiers=(signer.verifier(),), at=time.time())
+        _build_log(db, signer, records, every, witness)
+        anchors = TrustAnchors(
+            log_verifiers=(signer.verifier(),), witness_verifiers=(witness.verifier(),), at=time.time()
+        )
         with LogReader.open(db) as reader:
             start = time.perf_counter()
             report = verify_log(reader, anchors)

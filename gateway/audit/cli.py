@@ -2,8 +2,10 @@
 
 Commands: ``query``, ``verify``, ``prove``, ``export``, ``verify-bundle``, ``stats``. Each takes a
 log database; against a gateway's live log it needs ``--auditor ID --purpose PURPOSE`` and records
-the access before it shows anything. Exit codes: 0 all well, 1 `verify` or `verify-bundle` found
-something, 2 bad input (no such file, not a log, a bad filter), printed as one line by `psngw`.
+the access before it shows anything. ``witness-conflicts`` reads a witness database instead (the
+evidence of peer logs' rollbacks and forks; it holds no record, so no access is recorded). Exit
+codes: 0 all well, 1 `verify` or `verify-bundle` found something, 2 bad input (no such file, not a
+log, a bad filter), printed as one line by `psngw`.
 
 Everything printed from a record is escaped: records hold text that callers chose (a purpose, a
 reason), and a terminal or a spreadsheet must not take it for control sequences or formulas.
@@ -23,6 +25,7 @@ from gateway.audit import tools
 from gateway.audit.record import ACCESS_PURPOSES, EVENTS, AuditRecord
 from gateway.audit.store import LogReader
 from gateway.audit.tools import COMMAND_LINE
+from gateway.audit.witness import ConflictKind, read_conflicts
 from gateway.clock import SystemClock
 from gateway.errors import ConfigError
 
@@ -56,6 +59,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_verify_and_prove(sub)
     _add_export(sub)
     _add_stats(sub)
+    _add_witness_conflicts(sub)
 
 
 def _add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,6 +139,20 @@ def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.set_defaults(func=_cmd_stats)
 
 
+def _add_witness_conflicts(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    w = sub.add_parser(
+        "witness-conflicts",
+        help="the evidence a gateway's witness kept of peer logs rolled back or forked, as JSON",
+        description="Print, as a JSON array, each rollback or fork a witness saw: the checkpoint the log"
+        " presented (signed by its key), the one the witness had cosigned, who submitted it, when and how often."
+        " Reads the witness database without writing to it.",
+    )
+    w.add_argument("db", type=Path, help="the witness database ([witness] db of the gateway)")
+    w.add_argument("--origin", help="only this log, e.g. thames-valley.se.psn/audit")
+    w.add_argument("--kind", choices=tuple(k.value for k in ConflictKind), help="only this kind")
+    w.set_defaults(func=_cmd_witness_conflicts)
+
+
 def _access_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("access to a live log (recorded before anything is shown)")
     group.add_argument("--auditor", help="who is reading (your officer or staff id)")
@@ -150,6 +168,14 @@ def _key_options(parser: argparse.ArgumentParser) -> None:
         "--unsafe-stored-keys", action="store_true", help="trust the keys the log carries (consistency check only)"
     )
     group.add_argument("--at", help="check certificates as of this time (default: now)")
+    parser.add_argument(
+        "--quorum",
+        type=int,
+        default=tools.DEFAULT_QUORUM,
+        metavar="N",
+        help="a checkpoint is witnessed when the witnesses of at least N forces other than the log's own cosigned it;"
+        f" the latest must be (default: {tools.DEFAULT_QUORUM})",
+    )
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -215,7 +241,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     anchors = _anchors(args)
-    options = ("directory", "log_cert", "vkey", "unsafe_stored_keys", "at")
+    options = ("directory", "log_cert", "vkey", "unsafe_stored_keys", "at", "quorum")
     with _open(args, "verify", options) as reader:
         report = tools.verify_log(reader, anchors)
     _print_report(report, args.json, anchors)
@@ -282,6 +308,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_witness_conflicts(args: argparse.Namespace) -> int:
+    evidence = [
+        e.to_dict()
+        for e in read_conflicts(args.db)
+        if (args.origin is None or e.origin == args.origin) and (args.kind is None or e.kind == args.kind)
+    ]
+    _print_json(evidence)
+    return 0
+
+
 def _anchors(args: argparse.Namespace) -> tools.TrustAnchors:
     at = _when(args.at, "at")
     return tools.load_anchors(
@@ -289,6 +325,7 @@ def _anchors(args: argparse.Namespace) -> tools.TrustAnchors:
         log_certs=args.log_cert,
         vkeys=args.vkey,
         unsafe_stored_keys=args.unsafe_stored_keys,
+        quorum=args.quorum,
         at=at if at is not None else SystemClock().now(),
     )
 
@@ -353,6 +390,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=True))
 
 
+def _witnessed(report: tools.VerifyReport) -> str:
+    """Which checkpoint the other forces' witnesses vouch for, against the quorum."""
+    needed = f"the witnesses of at least {report.quorum} other force(s) needed (--quorum)"
+    if report.witnessed is None:
+        return f"no checkpoint; {needed}"
+    if report.witnessed == report.last_checkpoint:
+        return f"the last checkpoint (size {report.witnessed}); {needed}"
+    return f"up to checkpoint {report.witnessed}, not the last (size {report.last_checkpoint}); {needed}"
+
+
 def _print_report(report: tools.VerifyReport, as_json: bool, anchors: tools.TrustAnchors) -> None:
     if as_json:
         _print_json(report.to_dict())
@@ -367,6 +414,7 @@ def _print_report(report: tools.VerifyReport, as_json: bool, anchors: tools.Trus
         f"cosignatures: {report.cosignatures} verified with trusted keys (on the last checkpoint: {witnesses});"
         f" {report.untrusted_cosignatures} by keys not trusted"
     )
+    print(f"witnessed: {_witnessed(report)}")
     print(f"checked {report.records} records in {report.seconds:.2f} s ({report.records_per_second:,.0f} records/s)")
     for note in report.notes:
         print(f"note: {note}")

@@ -7,9 +7,12 @@ key before handing it to the store, and keeps per witness the size it holds and 
 
 A witness that answers with a size conflict (`WitnessConflict`) holds another size than the log
 thought (say the log crashed after the witness stored a checkpoint, before the log stored the
-cosignature): the collector retries once with the size the witness names. A witness that answers
-with `WitnessEquivocation`, or names a size beyond the log's own checkpoint, has seen another
-history of this log: that is never retried and is reported as such.
+cosignature): the collector retries once with the size the witness names. A witness that names a
+size beyond the log's own checkpoint (a rollback), answers with `WitnessEquivocation` (a fork), or
+refuses with a rollback, fork or bad-proof refusal (`gateway.audit.witness.conflict_kind`) has seen
+another history of this log: that is never retried, is logged at ERROR, and stays on the witness's
+status (`equivocation`, `conflict`) until the process restarts. Any other failure (the witness
+cannot be reached, or refuses for another reason) is logged as a warning and retried next time.
 
 Owns: the submission protocol and checking what witnesses return. Does not own: the transport
 (a `WitnessClient`: the gRPC one lives with the peer listener; tests use an in-process twin), the
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.audit.note import Checkpoint, CosignatureVerifier, Note, NoteError, NoteSignature, parse_signature_lines
-from gateway.audit.witness import WitnessConflict, WitnessEquivocation
+from gateway.audit.witness import ConflictKind, WitnessConflict, WitnessEquivocation, conflict_kind
+from gateway.errors import GatewayError
 
 __all__ = ["Collector", "CosignResult", "WitnessClient", "WitnessStatus"]
 
@@ -61,6 +65,8 @@ class CosignResult:
     error: str | None = None
     #: the witness reported, or revealed, a different history of this log
     equivocation: bool = False
+    #: what the witness reported: a rollback, a fork, or a proof that fails from what it cosigned
+    conflict: ConflictKind | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,6 +85,9 @@ class WitnessStatus:
     last_error: str | None = None
     last_timestamp: int | None = None
     equivocation: bool = False
+    #: the last kind of rollback or fork this witness reported, and how many times it did
+    conflict: ConflictKind | None = None
+    conflicts: int = 0
 
 
 class Collector:
@@ -127,6 +136,19 @@ class Collector:
             witness.size = checkpoint.size
             witness.last_error = None
             witness.last_timestamp = result.timestamp
+        elif result.conflict is not None:
+            witness.last_error = result.error
+            witness.equivocation = True
+            witness.conflict = result.conflict
+            witness.conflicts += 1
+            _log.error(
+                "witness %s reports a %s of this log at checkpoint %d: %s",
+                witness.name,
+                result.conflict.value.upper(),
+                checkpoint.size,
+                result.error,
+                extra={"witness": witness.name, "conflict": result.conflict.value},
+            )
         else:
             witness.last_error = result.error
             witness.equivocation = witness.equivocation or result.equivocation
@@ -158,7 +180,7 @@ class Collector:
             async with asyncio.timeout(self._timeout):
                 return await witness.client.add_checkpoint(old, proof, text)
         except WitnessEquivocation as exc:
-            return CosignResult(witness.name, size, error=exc.reason, equivocation=True)
+            return CosignResult(witness.name, size, error=exc.reason, equivocation=True, conflict=ConflictKind.FORK)
         except WitnessConflict as exc:
             if exc.known_size == old:
                 return CosignResult(witness.name, size, error=f"size conflict: {exc.reason}")
@@ -166,7 +188,7 @@ class Collector:
         except TimeoutError:
             return CosignResult(witness.name, size, error=f"no answer within {self._timeout:g} s")
         except Exception as exc:  # noqa: BLE001 - one witness's failure, whatever it is, must not stop the others; it is reported
-            return CosignResult(witness.name, size, error=f"{type(exc).__name__}: {exc}")
+            return _failed(witness.name, size, exc)
 
     @staticmethod
     def _check(witness: WitnessStatus, note: Note, size: int, line: bytes) -> CosignResult:
@@ -185,6 +207,14 @@ class Collector:
         return CosignResult(witness.name, size, error="no cosignature by the witness's key in its answer")
 
 
+def _failed(name: str, size: int, exc: Exception) -> CosignResult:
+    """A failed submission: a witness reporting a rollback or a fork, or any other failure."""
+    kind = conflict_kind(exc) if isinstance(exc, GatewayError) else None
+    if kind is None:
+        return CosignResult(name, size, error=f"{type(exc).__name__}: {exc}")
+    return CosignResult(name, size, error=str(exc), equivocation=True, conflict=kind)
+
+
 def _rolled_back(name: str, held: int, size: int) -> CosignResult:
     return CosignResult(
         name,
@@ -192,4 +222,5 @@ def _rolled_back(name: str, held: int, size: int) -> CosignResult:
         error=f"the witness holds a checkpoint of size {held}, beyond this log's checkpoint of size {size}:"
         " this log was rolled back or forked",
         equivocation=True,
+        conflict=ConflictKind.ROLLBACK,
     )

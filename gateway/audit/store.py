@@ -49,7 +49,9 @@ Startup (`AuditLog.open`) and what "torn" means here
 The lock file
     While a process has the log open it holds a shared ``flock`` on ``<db>.lock``. `is_live` tries
     an exclusive lock without waiting: the auditors' tools use it to tell a gateway's live log
-    (access must be recorded) from an offline copy (opened read-only, never changed).
+    (access must be recorded) from an offline copy (opened read-only, never changed). It looks
+    beside every name the reader's path leads through (symbolic links, ``..``) and beside the
+    file itself, so that another name for the live log is still the live log (`live_path`).
 
 Owns: the database schema, group commit, sequencing, checkpoint signing and storage, startup
 checks and repair, and read access for the tools (`LogReader`). Does not own: the Merkle
@@ -109,6 +111,7 @@ __all__ = [
     "embedded_index",
     "first_divergence",
     "is_live",
+    "live_path",
     "lock_path",
     "scan_records",
 ]
@@ -155,12 +158,57 @@ def lock_path(db: Path) -> Path:
 
 
 def is_live(db: Path) -> bool:
-    """Whether some process (a gateway) has the log at `db` open right now.
+    """Whether some process (a gateway) has the log at `db` open right now (see `live_path`)."""
+    return live_path(db) is not None
 
-    Tries an exclusive lock on ``<db>.lock`` without waiting and releases it at once. Never creates
-    the lock file: a copy without one is offline.
+
+#: Symbolic links followed, at most, from the name a reader gives to the log file (Linux's own limit).
+_MAX_LINKS = 40
+
+
+def live_path(db: Path) -> Path | None:
+    """The name under which a process (a gateway) has the log at `db` open right now, or None.
+
+    A gateway holds ``<its db path>.lock``, and the name it was given may differ from the one a
+    reader gives: a symbolic link, ``..``, a relative path. So the lock is looked for beside `db`
+    as given, beside each link it leads through, and beside the file it resolves to; for each, an
+    exclusive lock is tried without waiting and released at once. Never creates a lock file: a copy
+    without a held one is offline. The name returned is the one whose lock is held, for a reader
+    that must share the gateway's lock (`gateway.audit.tools.record_access`).
+
+    A file with another name (a hard link) whose lock is not held is refused with `ConfigError`: a
+    gateway may have it open under that other name, which no path leads to, so it can be neither
+    an offline copy nor read as a live log (its WAL is named after the other name).
     """
-    path = lock_path(Path(db))
+    given = Path(db)
+    real = Path(os.path.realpath(given))
+    for name in (*_links(given), real):
+        if _lock_held(lock_path(name)):
+            return name
+    try:
+        links = real.stat().st_nlink
+    except OSError:
+        return None  # no such file: the reader says so
+    if links > 1:
+        raise ConfigError(
+            f"the log file has {links} names (hard links), and no gateway holds a lock beside any name this path"
+            " leads to: a gateway may have it open under another name, so it is not read as an offline copy; read"
+            ' a copy made with sqlite3 FILE ".backup COPY", or the live log by the name its gateway uses',
+            file=given,
+        )
+    return None
+
+
+def _links(path: Path) -> list[Path]:
+    """`path` and each name its chain of symbolic links leads through (not resolving the directories)."""
+    names = [path]
+    with contextlib.suppress(OSError):  # a name that cannot be read as a link ends the chain
+        while len(names) <= _MAX_LINKS and names[-1].is_symlink():
+            names.append(names[-1].parent / os.readlink(names[-1]))
+    return names
+
+
+def _lock_held(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

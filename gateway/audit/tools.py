@@ -4,7 +4,9 @@ Each tool reads a log and never changes a record. An offline copy is opened read
 ``mode=ro``). A gateway's live log (`gateway.audit.store.is_live`: a process holds its lock file)
 may only be read by a named auditor for one of the four purposes DPA 2018 s62(4) allows, and the
 tool first appends an ``audit-access`` record saying so (`open_for_audit`), durably, before it
-shows anything: reading the log is itself on the record.
+shows anything: reading the log is itself on the record. The log is live under whatever name the
+auditor reaches it by (a symbolic link, ``..``): the lock is looked for beside the file itself
+(`gateway.audit.store.live_path`). A stopped gateway's log is an offline copy, read without a record.
 
 Which keys a verification trusts (`TrustAnchors`) is the auditor's choice, never the log's: a log
 carries its own keys and certificates, but someone able to rewrite the log could rewrite those too.
@@ -19,8 +21,27 @@ So `verify` and `verify-bundle` need one of:
 - ``--unsafe-stored-keys``: trust whatever keys the log itself carries (checks internal
   consistency only; named for what it is).
 
-Findings are listed in this order: records (by index), keys, checkpoints (by size), cosignatures;
-the first one names the first bad record or checkpoint. Consistency between consecutive
+A log can never witness itself. A witness key counts only for the logs of other forces: not when
+its name (``<force>.<network>/witness``, which its certificate or the auditor's key binds) is of
+the log's own force, nor when it is one of the log's own keys; a cosignature by such a key is a
+finding. A checkpoint is witnessed when it is validly signed by the log and cosigned, with trusted
+keys, by the witnesses of at least ``quorum`` other forces (`TrustAnchors.quorum`, ``--quorum``,
+default `DEFAULT_QUORUM`). What a witnessed checkpoint of size n proves: the log's records 0..n-1
+are as they were when the witnesses cosigned it (each witness first checked that it extends the
+last checkpoint it had cosigned for this log, and keeps it); an earlier checkpoint, witnessed or
+not, that the recomputed tree matches is a prefix of it, so it is vouched for too. It says nothing
+of records after n, nor whether the witnesses have since cosigned a larger checkpoint that this
+copy no longer holds (ask them: their witness databases keep the latest).
+
+So a log with records and no witnessed checkpoint is a finding: its force alone could have written
+the history it shows. Records after the last witnessed checkpoint, whether under later checkpoints
+(a gateway signs one as it stops, which no witness sees until it starts again) or under none, are
+a note (`_check_log_witnessed`): a finding there would be undone by deleting those checkpoints. A
+bundle's records are proven in its one checkpoint, which must be witnessed (`_check_bundle_witnessed`),
+so `export_bundle` proves them in the latest checkpoint another force's witness cosigned.
+
+Findings are listed in this order: records (by index), keys, checkpoints (by size), cosignatures,
+witnessing; the first one names the first bad record or checkpoint. Consistency between consecutive
 checkpoints is checked with proofs from the recomputed tree (a cross-check: two checkpoints that
 both match the recomputed tree are consistent by construction).
 
@@ -66,7 +87,7 @@ from gateway.audit.store import (
     StoredCosignature,
     embedded_index,
     first_divergence,
-    is_live,
+    live_path,
     scan_records,
 )
 from gateway.clock import Clock
@@ -77,6 +98,7 @@ from gateway.identity import TrustStore, Usage, load_certificate, load_trust_sto
 __all__ = [
     "BUNDLE_FORMAT",
     "COMMAND_LINE",
+    "DEFAULT_QUORUM",
     "AccessRequest",
     "Finding",
     "QueryFilter",
@@ -98,6 +120,14 @@ __all__ = [
 
 #: Where a `ConfigError` about an option says the mistake is.
 COMMAND_LINE = "command line"
+
+#: How many other forces' witnesses must cosign a checkpoint, unless the auditor says (``--quorum``).
+#: One: any other force's cosignature shows that the log's own force did not write its history alone.
+#: The gateways' own ``[audit] witness_quorum`` may ask for more; an auditor who knows it can too.
+DEFAULT_QUORUM = 1
+
+#: The largest quorum, as for the gateways' ``[audit] witness_quorum``.
+_MAX_QUORUM = 64
 
 #: The ``format`` field of every exported bundle. A bundle of this format states the run of
 #: records it holds (``start_index``, ``end_index``), holds every one of them, and carries the
@@ -212,16 +242,18 @@ def open_for_audit(
     """
     db = Path(db)
     reader = LogReader.open(db)
-    if not is_live(db):
-        return reader, None
     try:
+        # Under whichever name the log is reached (a symbolic link, ``..``), the lock is the gateway's.
+        live = live_path(db)
+        if live is None:
+            return reader, None
         if access is None:
             raise ConfigError(
                 "this is a gateway's live log: reading it is recorded, so say who you are and why"
                 f" (--auditor ID --purpose {{{','.join(ACCESS_PURPOSES)}}}), or work on a copy",
                 file=db,
             )
-        result = record_access(db, reader.origin, access, clock)
+        result = record_access(live, reader.origin, access, clock)
     except BaseException:
         reader.close()
         raise
@@ -334,6 +366,17 @@ class TrustAnchors:
     at: float = 0.0
     #: trust the keys the log or bundle carries (unsafe: internal consistency only)
     stored_keys: bool = False
+    #: cosignatures by the witnesses of this many other forces make a checkpoint witnessed
+    quorum: int = DEFAULT_QUORUM
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quorum, bool) or not isinstance(self.quorum, int) or not 1 <= self.quorum <= _MAX_QUORUM:
+            raise ConfigError(
+                f"must be a number of other forces in 1..{_MAX_QUORUM}, got {self.quorum!r}: a log cannot witness"
+                " itself, so at least one other force must",
+                file=COMMAND_LINE,
+                field="--quorum",
+            )
 
     def describe(self) -> str:
         """One line: where trust comes from."""
@@ -353,9 +396,14 @@ def load_anchors(
     log_certs: Sequence[Path] = (),
     vkeys: Sequence[str] = (),
     unsafe_stored_keys: bool = False,
+    quorum: int = DEFAULT_QUORUM,
     at: float,
 ) -> TrustAnchors:
-    """Build the trust anchors from the command line options; `ConfigError` on bad input or none."""
+    """Build the trust anchors from the command line options; `ConfigError` on bad input or none.
+
+    With a directory, a `quorum` larger than the number of other forces it names is refused: no
+    checkpoint could ever be witnessed.
+    """
     if directory is None and not log_certs and not vkeys and not unsafe_stored_keys:
         raise ConfigError(
             "say which keys to trust: --directory FILE, --log-cert PEM or --vkey VKEY"
@@ -388,7 +436,14 @@ def load_anchors(
     store = None
     if directory is not None:
         store = load_trust_store(load_directory(directory), require_crl=False)
-    return TrustAnchors(tuple(logs), tuple(witnesses), store, at, unsafe_stored_keys)
+        others = len(store.forces) - 1
+        if quorum > others:
+            raise ConfigError(
+                f"the network has {others} force(s) besides any log's own: a quorum of {quorum} can never be met",
+                file=COMMAND_LINE,
+                field="--quorum",
+            )
+    return TrustAnchors(tuple(logs), tuple(witnesses), store, at, unsafe_stored_keys, quorum)
 
 
 def _log_certificate_key(pem: bytes) -> tuple[str, Ed25519PublicKey]:
@@ -427,12 +482,28 @@ class Finding:
 
 @dataclass
 class _Keys:
-    """The keys a verification uses: trusted ones, and the carried witness keys that are not trusted."""
+    """The keys a verification uses: trusted ones, and the witness keys that do not count.
+
+    `witnesses` are the trusted keys of other forces' witnesses; `own_witnesses` the witness keys
+    (given or carried) of the log's own force, or that are its log keys, which never count (a log
+    cannot witness itself); `untrusted_witnesses` the other carried witness keys.
+    """
 
     logs: list[NoteVerifier] = field(default_factory=list)
     witnesses: list[CosignatureVerifier] = field(default_factory=list)
     untrusted_witnesses: list[CosignatureVerifier] = field(default_factory=list)
+    own_witnesses: list[CosignatureVerifier] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+
+
+def _domain(name: str) -> str:
+    """The trust domain (the force) of a log origin or a witness: ``<force>.<network>/audit`` or ``/witness``."""
+    return name.rsplit("/", 1)[0]
+
+
+def _is_own_witness(origin: str, witness: CosignatureVerifier, own_keys: Sequence[Ed25519PublicKey]) -> bool:
+    """Whether `witness` is the log's own force (by its name) or one of the log's own keys."""
+    return _domain(witness.name) == _domain(origin) or any(witness.public_key == k for k in own_keys)
 
 
 def _resolve_keys(
@@ -441,8 +512,14 @@ def _resolve_keys(
     witness_keys: Iterable[tuple[str, str, bytes | None]],
     anchors: TrustAnchors,
 ) -> _Keys:
-    """Decide which carried keys are trusted under `anchors`; a carried key that fails its check is a finding."""
-    keys = _Keys(list(anchors.log_verifiers), list(anchors.witness_verifiers))
+    """Decide which carried keys are trusted under `anchors`; a carried key that fails its check is a finding.
+
+    No witness key of the log's own force, or that is one of its log keys (given, or carried
+    whether trusted or not), is a witness of this log (`_Keys.own_witnesses`): its certificate, if
+    it has one, is not even checked.
+    """
+    keys = _Keys(list(anchors.log_verifiers))
+    own_keys = [v.public_key for v in anchors.log_verifiers if v.name == origin]
     for vkey, cert in log_keys:
         try:
             verifier = NoteVerifier.from_vkey(vkey)
@@ -452,8 +529,11 @@ def _resolve_keys(
         if verifier.name != origin:
             keys.findings.append(Finding("key", 0, f"log key {vkey!r} is not named after the log ({origin})"))
             continue
+        own_keys.append(verifier.public_key)
         if _trusted(verifier.public_key, verifier.name, cert, anchors, keys, role="log"):
             keys.logs.append(verifier)
+    for given in anchors.witness_verifiers:
+        (keys.own_witnesses if _is_own_witness(origin, given, own_keys) else keys.witnesses).append(given)
     for name, vkey, cert in witness_keys:
         try:
             witness = CosignatureVerifier.from_vkey(vkey)
@@ -463,15 +543,24 @@ def _resolve_keys(
         if witness.name != name:
             keys.findings.append(Finding("key", 0, f"witness key {vkey!r} is stored under another name, {name!r}"))
             continue
-        target = keys.witnesses if _trusted(witness.public_key, name, cert, anchors, keys, role="witness") else None
-        (target if target is not None else keys.untrusted_witnesses).append(witness)
+        if _is_own_witness(origin, witness, own_keys):
+            keys.own_witnesses.append(witness)
+        elif _trusted(witness.public_key, name, cert, anchors, keys, role="witness"):
+            keys.witnesses.append(witness)
+        else:
+            keys.untrusted_witnesses.append(witness)
     return keys
 
 
 def _trusted(
     key: Ed25519PublicKey, name: str, cert: bytes | None, anchors: TrustAnchors, keys: _Keys, *, role: str
 ) -> bool:
-    """Whether a carried key is trusted: stored keys are (unsafe mode), or its certificate checks out."""
+    """Whether a carried key is trusted: stored keys are (unsafe mode), or its certificate checks out.
+
+    The certificate must be for ``spiffe://<the name's domain>/log``, and the directory pins each
+    trust domain to its force's CA: so a witness key named after another force than the log's
+    (`_resolve_keys` sees to that) is trusted only with a certificate of that other force.
+    """
     if anchors.stored_keys:
         return True
     if anchors.trust_store is None or cert is None:
@@ -504,11 +593,15 @@ class VerifyReport:
     cosignatures: int
     #: cosignatures that verify with a key the log carries but the auditor did not trust
     untrusted_cosignatures: int
-    #: the witnesses (trusted) that cosigned the last checkpoint
+    #: the other forces' witnesses whose cosignatures with trusted keys count on the last checkpoint
     witnesses: tuple[str, ...]
     findings: tuple[Finding, ...]
     notes: tuple[str, ...]
     seconds: float
+    #: the other forces whose witnesses must cosign a checkpoint for it to count as witnessed
+    quorum: int = DEFAULT_QUORUM
+    #: the size of the last witnessed checkpoint (None: none is)
+    witnessed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -536,6 +629,8 @@ class VerifyReport:
             "cosignatures": self.cosignatures,
             "untrusted_cosignatures": self.untrusted_cosignatures,
             "witnesses": list(self.witnesses),
+            "quorum": self.quorum,
+            "witnessed": self.witnessed,
             "first": self.first.message if self.first else None,
             "findings": [{"kind": f.kind, "position": f.position, "message": f.message} for f in self.findings],
             "notes": list(self.notes),
@@ -585,12 +680,17 @@ def _check_checkpoint_note(origin: str, size: int, root: bytes, text: bytes, key
 def _check_cosignature(
     body: bytes, sig: NoteSignature, keys: _Keys, size: int, witness: str | None = None
 ) -> tuple[str, Finding | None]:
-    """Verify one cosignature: ("trusted" | "untrusted" | "bad", finding)."""
+    """Verify one cosignature: ("trusted" | "untrusted" | "own" | "bad", finding).
+
+    A valid cosignature by a key of the log's own force is "own", and a finding: honest gateways
+    never cosign their own log, so it can only be an attempt to pass the log off as witnessed.
+    """
     if witness is not None and sig.name != witness:
         return "bad", Finding(
             "cosignature", size, f"checkpoint {size}: a cosignature stored for {witness} is signed as {sig.name}"
         )
-    for pool, verdict in ((keys.witnesses, "trusted"), (keys.untrusted_witnesses, "untrusted")):
+    pools = ((keys.witnesses, "trusted"), (keys.own_witnesses, "own"), (keys.untrusted_witnesses, "untrusted"))
+    for pool, verdict in pools:
         for verifier in pool:
             if verifier.matches(sig):
                 try:
@@ -601,10 +701,115 @@ def _check_cosignature(
                         size,
                         f"checkpoint {size}: the cosignature by {sig.name} does not verify: forged or altered",
                     )
+                if verdict == "own":
+                    return verdict, Finding(
+                        "cosignature",
+                        size,
+                        f"checkpoint {size}: the cosignature by {sig.name} is by the log's own force (its name, or"
+                        " one of the log's keys): a log cannot witness itself, so it does not count",
+                    )
                 return verdict, None
     return "bad", Finding(
         "cosignature", size, f"checkpoint {size}: cosignature by {sig.name}: no key for it is known or stored"
     )
+
+
+@dataclass
+class _Cosigned:
+    """What the cosignatures of a log or bundle came to: counts, findings, and who cosigned each checkpoint."""
+
+    trusted: int = 0
+    untrusted: int = 0
+    #: per checkpoint size, the other forces' witnesses whose cosignatures verify with trusted keys
+    counted: dict[int, set[str]] = field(default_factory=dict)
+    #: per checkpoint size, the cosignatures that verify but do not count, each with why
+    uncounted: dict[int, list[str]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    def check(self, body: bytes, sig: NoteSignature, keys: _Keys, size: int, witness: str | None = None) -> None:
+        """Check one cosignature on the checkpoint of `size` (`_check_cosignature`) and count it."""
+        verdict, finding = _check_cosignature(body, sig, keys, size, witness)
+        if finding is not None:
+            self.findings.append(finding)
+        if verdict == "trusted":
+            self.trusted += 1
+            self.counted.setdefault(size, set()).add(sig.name)
+        elif verdict == "untrusted":
+            self.untrusted += 1
+            self.uncounted.setdefault(size, []).append(f"{sig.name} (a key not trusted)")
+        elif verdict == "own":
+            self.uncounted.setdefault(size, []).append(f"{sig.name} (the log's own force)")
+
+    def forces(self, size: int) -> int:
+        """How many other forces' witnesses count on the checkpoint of `size`."""
+        return len({_domain(name) for name in self.counted.get(size, ())})
+
+    def cosigners(self, size: int) -> str:
+        """Who cosigned the checkpoint of `size`, counted or not, for a finding."""
+        counted = ", ".join(sorted(self.counted.get(size, ()))) or "none"
+        uncounted = self.uncounted.get(size)
+        return counted + (f"; not counted: {', '.join(sorted(uncounted))}" if uncounted else "")
+
+
+def _last_witnessed(cosigned: _Cosigned, signed: Sequence[int], quorum: int) -> int | None:
+    """The largest checkpoint validly signed by the log (of `signed`) that `quorum` other forces witnessed."""
+    witnessed = [size for size in signed if cosigned.forces(size) >= quorum]
+    return max(witnessed) if witnessed else None
+
+
+def _cosigned_by(size: int, cosigned: _Cosigned, quorum: int) -> str:
+    """How far checkpoint `size` is from witnessed, for a finding or note."""
+    return (
+        f"it needs valid cosignatures, with trusted keys, by the witnesses of at least {quorum} force(s) other than"
+        f" the log's own, and has {cosigned.forces(size)} (cosigned by: {cosigned.cosigners(size)})"
+    )
+
+
+def _check_log_witnessed(
+    origin: str, latest: int | None, records: int, cosigned: _Cosigned, *, signed: Sequence[int], quorum: int
+) -> tuple[int | None, list[Finding], list[str]]:
+    """Whether the log's history is witnessed: the last witnessed checkpoint's size, findings and notes.
+
+    A finding when no checkpoint is witnessed (unless the log is empty): then the log's own force
+    alone vouches for every record. A note when checkpoints after the last witnessed one are not:
+    the records after it are vouched for by the force alone, as are records after the last
+    checkpoint, and no more (deleting those checkpoints would leave the same records uncovered).
+    A gateway signs a last checkpoint as it stops, which no witness has seen until it starts again.
+    """
+    last = _last_witnessed(cosigned, signed, quorum)
+    if last is None and (records or latest):
+        latest_is = f"its latest, checkpoint {latest}: {_cosigned_by(latest, cosigned, quorum)}" if latest else ""
+        finding = Finding(
+            "witness",
+            latest or 0,
+            f"no checkpoint of the log is witnessed by another force, so its history (all {records} records) could"
+            f" have been rewritten by the force of {origin} itself; {latest_is or 'the log has no checkpoint'}",
+        )
+        return None, [finding], []
+    if last is None or latest is None or latest == last:
+        return last, [], []
+    note = (
+        f"checkpoint {latest}, the latest, is not witnessed ({_cosigned_by(latest, cosigned, quorum)}): records"
+        f" {last}..{latest - 1} are vouched for by the force of {origin} alone; witnessed checkpoint {last} vouches"
+        f" for records 0..{last - 1}"
+    )
+    return last, [], [note]
+
+
+def _check_bundle_witnessed(
+    origin: str, size: int, cosigned: _Cosigned, *, signed: bool, quorum: int
+) -> tuple[int | None, list[Finding]]:
+    """Whether a bundle's checkpoint, the one its records are proven in, is witnessed; a finding if not."""
+    if _last_witnessed(cosigned, [size] if signed else [], quorum) == size:
+        return size, []
+    return None, [
+        Finding(
+            "witness",
+            size,
+            f"checkpoint {size}, the bundle's, is not witnessed: {_cosigned_by(size, cosigned, quorum)}: its records"
+            f" and their proofs could have been made up by the force of {origin} itself",
+        )
+    ]
 
 
 def verify_log(reader: LogReader, anchors: TrustAnchors) -> VerifyReport:
@@ -621,7 +826,6 @@ def verify_log(reader: LogReader, anchors: TrustAnchors) -> VerifyReport:
         quarantined = reader.quarantined()
     findings = [Finding("record", f.index, f.message) for f in record_findings]
     findings += keys.findings
-    notes: list[str] = []
     if not keys.logs:
         findings.append(
             Finding("key", 0, f"no trusted key of log {origin}: nothing can be verified ({anchors.describe()})")
@@ -636,13 +840,18 @@ def verify_log(reader: LogReader, anchors: TrustAnchors) -> VerifyReport:
         if result.checkpoint is not None:
             verified.append((cp.size, cp.root))
     cp_findings += _check_against_tree(tree, end, verified, record_findings)
-    trusted_count, untrusted_count, witnesses, cosig_findings = _check_stored_cosignatures(
-        checkpoints, cosignatures, keys
+    cosigned = _check_stored_cosignatures(checkpoints, cosignatures, keys)
+    latest = checkpoints[-1].size if checkpoints else None
+    witnessed, witness_findings, notes = _check_log_witnessed(
+        origin, latest, tree.size, cosigned, signed=[size for size, _ in verified], quorum=anchors.quorum
     )
-    findings += sorted(cp_findings, key=lambda f: f.position) + cosig_findings
-    last = checkpoints[-1].size if checkpoints else 0
+    findings += sorted(cp_findings, key=lambda f: f.position) + cosigned.findings + witness_findings
+    last = latest or 0
     if end > last:
-        notes.append(f"records {last}..{end - 1} are not yet covered by a checkpoint")
+        notes.append(
+            f"records {last}..{end - 1} are not yet covered by a checkpoint, so not yet witnessed: no other force"
+            " has vouched for them"
+        )
     if not checkpoints:
         notes.append("the log has no checkpoint")
     if quarantined:
@@ -652,12 +861,14 @@ def verify_log(reader: LogReader, anchors: TrustAnchors) -> VerifyReport:
         records=tree.size,
         checkpoints=len(checkpoints),
         last_checkpoint=last,
-        cosignatures=trusted_count,
-        untrusted_cosignatures=untrusted_count,
-        witnesses=witnesses,
+        cosignatures=cosigned.trusted,
+        untrusted_cosignatures=cosigned.untrusted,
+        witnesses=tuple(sorted(cosigned.counted.get(last, ()))),
         findings=tuple(findings),
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
+        quorum=anchors.quorum,
+        witnessed=witnessed,
     )
 
 
@@ -710,12 +921,11 @@ def _check_against_tree(
 
 def _check_stored_cosignatures(
     checkpoints: Sequence[StoredCheckpoint], cosignatures: Sequence[StoredCosignature], keys: _Keys
-) -> tuple[int, int, tuple[str, ...], list[Finding]]:
+) -> _Cosigned:
+    """Every stored cosignature, over the checkpoint it is stored for."""
     by_size = {cp.size: cp for cp in checkpoints}
-    trusted = untrusted = 0
-    findings: list[Finding] = []
-    last = checkpoints[-1].size if checkpoints else None
-    last_witnesses: list[str] = []
+    cosigned = _Cosigned()
+    findings = cosigned.findings
     for cosig in cosignatures:
         cp = by_size.get(cosig.size)
         if cp is None:
@@ -741,16 +951,8 @@ def _check_stored_cosignatures(
             )
             continue
         for sig in sigs:
-            verdict, finding = _check_cosignature(body, sig, keys, cp.size, cosig.witness)
-            if finding is not None:
-                findings.append(finding)
-            elif verdict == "trusted":
-                trusted += 1
-                if cp.size == last:
-                    last_witnesses.append(sig.name)
-            else:
-                untrusted += 1
-    return trusted, untrusted, tuple(sorted(set(last_witnesses))), findings
+            cosigned.check(body, sig, keys, cp.size, cosig.witness)
+    return cosigned
 
 
 # -- prove ----------------------------------------------------------------------------------------
@@ -779,6 +981,35 @@ def _anchor_checkpoint(reader: LogReader) -> tuple[StoredCheckpoint, Note]:
         raise ConfigError(
             f"checkpoint {latest.size} is malformed ({exc.reason}): run `psngw audit verify`", file=reader.path
         ) from exc
+
+
+def _export_checkpoint(reader: LogReader) -> tuple[StoredCheckpoint, Note, str | None]:
+    """The checkpoint a bundle is proven in: the latest one another force's witness cosigned, else the latest.
+
+    A gateway signs a last checkpoint as it stops, and no witness sees it until the gateway starts
+    again: a bundle proven in it would not verify as witnessed (`verify_bundle`). Whether the
+    cosignatures are good is for `verify_bundle` to say, with the keys the auditor trusts; this
+    only looks at whose names are stored. Returns the checkpoint, its note, and a note for the
+    operator when it is not the latest.
+    """
+    latest, note = _anchor_checkpoint(reader)
+    own = _domain(reader.origin)
+    cosigned = [c.size for c in reader.cosignatures() if _domain(c.witness) != own and c.size <= latest.size]
+    if not cosigned or max(cosigned) == latest.size:
+        return latest, note, None
+    chosen = next(cp for cp in reader.checkpoints() if cp.size == max(cosigned))
+    try:
+        chosen_note = reader.stored_note(chosen)
+    except NoteError as exc:
+        raise ConfigError(
+            f"checkpoint {chosen.size} is malformed ({exc.reason}): run `psngw audit verify`", file=reader.path
+        ) from exc
+    return (
+        chosen,
+        chosen_note,
+        f"the latest checkpoint (size {latest.size}) is not cosigned by another force's witness yet: the bundle is"
+        f" proven in checkpoint {chosen.size}, the latest that is",
+    )
 
 
 def prove(reader: LogReader, request_id: str) -> dict[str, Any]:
@@ -857,13 +1088,18 @@ def export_bundle(
     takes it in and goes on to the next. No record in the range: an empty run where the log passes
     from a record made before the range to one made after it (`_run_of`).
 
+    The checkpoint is the latest one that another force's witness cosigned (`_export_checkpoint`),
+    so that the bundle can verify as witnessed; if none is, the latest.
+
     Returns the bundle (JSON-ready) and notes for the operator (records left out because no
     checkpoint covers them yet, records included from just outside the time range, an empty run).
     """
     lo, hi = _stamp(since), _stamp(until)
     notes: list[str] = []
     with reader.snapshot():
-        latest, note = _anchor_checkpoint(reader)
+        latest, note, older = _export_checkpoint(reader)
+        if older is not None:
+            notes.append(older)
         tree = _checked_tree(reader, latest.size, latest.root)  # so records 0..size-1 are all there
         stamps = ((index, _record_time(data)) for index, _, data in reader.rows(0, latest.size))
         start, end = _run_of(stamps, lo, hi, latest.size)
@@ -902,8 +1138,8 @@ def export_bundle(
         )
     if later:
         notes.append(
-            f"{later} record(s) in the range come after the last checkpoint (size {latest.size}) and are not in"
-            " the bundle: export again after the next checkpoint"
+            f"{later} record(s) in the range come after the checkpoint the bundle is proven in (size {latest.size})"
+            " and are not in the bundle: export again once a later checkpoint is cosigned"
         )
     return bundle, notes
 
@@ -1055,11 +1291,12 @@ def _unhex(text: str) -> bytes:
 def verify_bundle(bundle: Mapping[str, Any], anchors: TrustAnchors) -> VerifyReport:
     """Check a bundle (from `read_bundle`): the checkpoint's signature and cosignatures, and its records.
 
-    The records must be the run the bundle states, each once and in order (`_check_bundle_records`),
-    each with a good inclusion proof, and the records just outside the run must be there, with good
-    proofs, made before the range and at or after its end (`_check_bundle_edges`). A bundle of the
-    earlier format 1 states no run: its records must be contiguous, and a note says that a record
-    missing at either end cannot be detected.
+    The checkpoint must be witnessed (`_check_bundle_witnessed`): else the force alone could have made
+    the bundle, its records and their proofs. The records must be the run the bundle states, each
+    once and in order (`_check_bundle_records`), each with a good inclusion proof, and the records
+    just outside the run must be there, with good proofs, made before the range and at or after its
+    end (`_check_bundle_edges`). A bundle of the earlier format 1 states no run: its records must be
+    contiguous, and a note says that a record missing at either end cannot be detected.
     """
     started = time.perf_counter()
     origin = bundle["origin"]
@@ -1085,32 +1322,32 @@ def verify_bundle(bundle: Mapping[str, Any], anchors: TrustAnchors) -> VerifyRep
     result = _check_checkpoint_note(origin, size, root, cp["note"].encode("utf-8"), keys)
     if result.finding is not None:
         findings.append(result.finding)
-    trusted, untrusted, witnesses = 0, 0, []
+    cosigned = _Cosigned()
     if result.note is not None:
         for sig in result.note.signatures:
             if any(v.matches(sig) for v in keys.logs) or sig.name == origin:
                 continue
-            verdict, finding = _check_cosignature(result.note.body, sig, keys, size)
-            if finding is not None:
-                findings.append(finding)
-            elif verdict == "trusted":
-                trusted += 1
-                witnesses.append(sig.name)
-            else:
-                untrusted += 1
+            cosigned.check(result.note.body, sig, keys, size)
+    findings += cosigned.findings
     record_findings, notes = _check_bundle_records(bundle, size, root)
     findings += record_findings
+    witnessed, witness_findings = _check_bundle_witnessed(
+        origin, size, cosigned, signed=result.checkpoint is not None, quorum=anchors.quorum
+    )
+    findings += witness_findings
     return VerifyReport(
         origin=origin,
         records=len(bundle["records"]),
         checkpoints=1,
         last_checkpoint=size,
-        cosignatures=trusted,
-        untrusted_cosignatures=untrusted,
-        witnesses=tuple(sorted(witnesses)),
+        cosignatures=cosigned.trusted,
+        untrusted_cosignatures=cosigned.untrusted,
+        witnesses=tuple(sorted(cosigned.counted.get(size, ()))),
         findings=tuple(findings),
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
+        quorum=anchors.quorum,
+        witnessed=witnessed,
     )
 
 

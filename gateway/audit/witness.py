@@ -12,6 +12,15 @@ request encoding. It does not own transport: the peer listener authenticates the
 (mutual TLS) and passes its log origin in as `submitter_origin`, and maps the errors raised here to
 its status codes (tlog-witness's HTTP codes are noted beside each). It does not own key loading.
 
+A refusal is sometimes evidence: a checkpoint validly signed by the log's key that is smaller than
+the one this witness cosigned (a rollback), of the same size with another root (a fork), or whose
+consistency proof from the cosigned checkpoint does not verify. The witness still answers as
+tlog-witness says, but first keeps that evidence in its state (`ConflictEvidence`, at most
+`MAX_EVIDENCE_PER_KIND` distinct notes per log and kind), logs it at ERROR and counts it. The refusal
+it raises then carries the kind's public text (`CONFLICT_PUBLIC`), which is how the log, on the other
+side of the wire, tells "my witness says my log forked" from "my witness is unreachable"
+(`conflict_kind`).
+
 `add_checkpoint` blocks (a lock per origin, an fsync in the SQLite state): call it from a worker
 thread, not from an event loop.
 """
@@ -21,13 +30,17 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import enum
+import hashlib
+import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 from gateway.audit.merkle import EMPTY_ROOT, HASH_SIZE, ProofError, verify_consistency
 from gateway.audit.note import (
@@ -41,8 +54,11 @@ from gateway.audit.note import (
     parse_note,
     verify_note,
 )
+from gateway.audit.record import format_time
 from gateway.clock import Clock
 from gateway.errors import (
+    ConfigError,
+    GatewayError,
     InfrastructureError,
     InvalidArgument,
     NotFound,
@@ -52,23 +68,55 @@ from gateway.errors import (
 )
 
 __all__ = [
+    "CONFLICT_PUBLIC",
+    "MAX_EVIDENCE_PER_KIND",
     "MAX_PROOF_LINES",
     "AddCheckpointRequest",
+    "ConflictEvidence",
+    "ConflictKind",
     "InMemoryWitnessState",
+    "Kept",
     "SqliteWitnessState",
     "Witness",
     "WitnessConflict",
     "WitnessEquivocation",
     "WitnessState",
     "WitnessStateUnavailable",
+    "conflict_kind",
+    "read_conflicts",
 ]
+
+_log = logging.getLogger("gateway.audit.witness")
 
 #: tlog-witness: a client MUST NOT send more than 63 consistency proof lines.
 MAX_PROOF_LINES = 63
 
+#: Distinct signed notes kept as evidence per log origin and `ConflictKind`; later ones are counted, not kept.
+MAX_EVIDENCE_PER_KIND = 32
+
 # SQLite integers are signed 64-bit; no real log comes near this.
 _MAX_STORED_SIZE = (1 << 63) - 1
 _DECIMAL = re.compile(rb"(?:0|[1-9][0-9]{0,19})")
+
+
+class ConflictKind(enum.StrEnum):
+    """What a validly signed submission showed about its log, beyond a size the log can catch up on."""
+
+    #: a checkpoint smaller than the one this witness cosigned: the log went backwards
+    ROLLBACK = "rollback"
+    #: a checkpoint of the size cosigned with another root: two histories
+    FORK = "fork"
+    #: a larger checkpoint whose consistency proof from the cosigned one does not verify
+    BAD_PROOF = "bad-proof"
+
+
+#: The public text of a refusal that is evidence (the gRPC status details the log reads back).
+CONFLICT_PUBLIC: Mapping[ConflictKind, str] = {
+    ConflictKind.ROLLBACK: "checkpoint is smaller than one this witness cosigned (rollback)",
+    ConflictKind.FORK: "checkpoint conflicts with one already cosigned",
+    ConflictKind.BAD_PROOF: "consistency proof from the checkpoint this witness cosigned does not verify",
+}
+_KIND_OF_PUBLIC = {text: kind for kind, text in CONFLICT_PUBLIC.items()}
 
 
 class WitnessConflict(RequestRefused):
@@ -92,7 +140,7 @@ class WitnessEquivocation(WitnessConflict):
     the error (`held_note`, `presented_note`) so the edge can log and keep them.
     """
 
-    default_public = "checkpoint conflicts with one already cosigned"
+    default_public = CONFLICT_PUBLIC[ConflictKind.FORK]
 
     def __init__(
         self,
@@ -123,6 +171,80 @@ class WitnessStateUnavailable(InfrastructureError):
     """The witness cannot read or durably write what it cosigned: it refuses to cosign."""
 
 
+# -- evidence of a rollback or a fork -------------------------------------------------------------
+
+
+def conflict_kind(error: GatewayError) -> ConflictKind | None:
+    """The kind of rollback or fork a witness's refusal reports, or None for any other refusal or failure.
+
+    Works on the errors `Witness.add_checkpoint` raises and on their gRPC form (`public` is the
+    status details), so the log side classifies both alike.
+    """
+    return _KIND_OF_PUBLIC.get(error.public)
+
+
+@dataclass(frozen=True)
+class ConflictEvidence:
+    """One submission that showed a rollback or a fork: both signed checkpoints, and who, when, why.
+
+    `presented_note` is the note as submitted, validly signed by the log's key (nothing else is ever
+    kept); `held_note` the checkpoint this witness had cosigned. `seen` counts the submissions of the
+    same note against the same cosigned size; `last_at` is the latest of them.
+    """
+
+    origin: str
+    kind: ConflictKind
+    #: who submitted it: the peer gateway's identity, its log origin, or "local"
+    submitter: str
+    #: witness clock, POSIX seconds, when first seen
+    at: float
+    old_size: int
+    proof: tuple[bytes, ...]
+    presented_note: bytes
+    presented_size: int
+    presented_root: bytes
+    held_note: bytes
+    held_size: int
+    held_root: bytes
+    reason: str
+    seen: int = 1
+    last_at: float | None = None
+
+    @property
+    def presented_hash(self) -> bytes:
+        """SHA-256 of the presented note: one piece of evidence is kept once."""
+        return hashlib.sha256(self.presented_note).digest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: notes as text, hashes in hex, proof lines in base64 (as tlog-witness sends them)."""
+        last = self.at if self.last_at is None else self.last_at
+        return {
+            "origin": self.origin,
+            "kind": self.kind.value,
+            "submitter": self.submitter,
+            "first_seen": format_time(self.at),
+            "last_seen": format_time(last),
+            "seen": self.seen,
+            "old_size": self.old_size,
+            "proof": [base64.b64encode(h).decode("ascii") for h in self.proof],
+            "presented": {
+                "size": self.presented_size,
+                "root": self.presented_root.hex(),
+                "note": self.presented_note.decode("utf-8", "replace"),
+            },
+            "cosigned": {
+                "size": self.held_size,
+                "root": self.held_root.hex(),
+                "note": self.held_note.decode("utf-8", "replace"),
+            },
+            "reason": self.reason,
+        }
+
+
+#: What `WitnessState.keep_conflict` did: stored a new piece, counted a repeat, or had no room left.
+Kept = Literal["new", "repeat", "full"]
+
+
 # -- state ----------------------------------------------------------------------------------------
 
 
@@ -143,6 +265,23 @@ class WitnessState(Protocol):
         submissions from both winning, even across processes.
         """
         ...
+
+    def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
+        """Keep evidence of a rollback or fork durably, once; it must be durable before this returns.
+
+        One piece is kept per origin, kind, presented note and cosigned size: a repeat only raises its
+        `seen` and `last_at` ("repeat"). A new piece when `limit` are already kept for its origin and
+        kind is not kept ("full"): a log that misbehaves at length cannot fill the witness's disk.
+        """
+        ...
+
+    def conflicts(self) -> list[ConflictEvidence]:
+        """Every piece of evidence kept, oldest first."""
+        ...
+
+
+def _evidence_key(evidence: ConflictEvidence) -> tuple[str, ConflictKind, bytes, int]:
+    return evidence.origin, evidence.kind, evidence.presented_hash, evidence.held_size
 
 
 def _guard(
@@ -193,6 +332,7 @@ class InMemoryWitnessState:
 
     def __init__(self) -> None:
         self._held: dict[str, tuple[int, bytes, bytes]] = {}
+        self._conflicts: dict[tuple[str, ConflictKind, bytes, int], ConflictEvidence] = {}
         self._lock = threading.Lock()
 
     def latest(self, origin: str) -> tuple[int, bytes, bytes] | None:
@@ -207,6 +347,24 @@ class InMemoryWitnessState:
             held = self._held.get(origin)
             _guard(origin, held, size=size, root_hash=root_hash, note=note, expected_size=expected_size)
             self._held[origin] = (size, root_hash, note)
+
+    def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
+        """Keep evidence once, at most `limit` per origin and kind (see `WitnessState.keep_conflict`)."""
+        key = _evidence_key(evidence)
+        with self._lock:
+            kept = self._conflicts.get(key)
+            if kept is not None:
+                self._conflicts[key] = replace(kept, seen=kept.seen + 1, last_at=evidence.at)
+                return "repeat"
+            if sum(1 for k in self._conflicts if k[:2] == key[:2]) >= limit:
+                return "full"
+            self._conflicts[key] = evidence
+            return "new"
+
+    def conflicts(self) -> list[ConflictEvidence]:
+        """Every piece of evidence kept, oldest first."""
+        with self._lock:
+            return list(self._conflicts.values())
 
 
 class SqliteWitnessState:
@@ -226,6 +384,30 @@ class SqliteWitnessState:
             note      BLOB    NOT NULL
         ) STRICT
     """
+    # Evidence of rollbacks and forks. Sizes a log presents are uint64, beyond SQLite's INTEGER: kept
+    # as decimal text. Proof lines as the base64 lines tlog-witness sends, one per line.
+    _CONFLICT_SCHEMA = """
+        CREATE TABLE IF NOT EXISTS witness_conflict (
+            id             INTEGER PRIMARY KEY,
+            origin         TEXT    NOT NULL,
+            kind           TEXT    NOT NULL CHECK (kind IN ('rollback', 'fork', 'bad-proof')),
+            presented_hash BLOB    NOT NULL CHECK (length(presented_hash) = 32),
+            held_size      INTEGER NOT NULL CHECK (held_size >= 0),
+            first_at       REAL    NOT NULL,
+            last_at        REAL    NOT NULL,
+            seen           INTEGER NOT NULL CHECK (seen >= 1),
+            submitter      TEXT    NOT NULL,
+            old_size       TEXT    NOT NULL,
+            proof          TEXT    NOT NULL,
+            presented_size TEXT    NOT NULL,
+            presented_root BLOB    NOT NULL,
+            presented_note BLOB    NOT NULL,
+            held_root      BLOB    NOT NULL,
+            held_note      BLOB    NOT NULL,
+            reason         TEXT    NOT NULL,
+            UNIQUE (origin, kind, presented_hash, held_size)
+        ) STRICT
+    """
 
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self._path = Path(path)
@@ -240,6 +422,7 @@ class SqliteWitnessState:
                 raise WitnessStateUnavailable(f"witness state {self._path}: cannot enable WAL (journal mode {mode})")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(self._SCHEMA)
+            conn.execute(self._CONFLICT_SCHEMA)
         except sqlite3.Error as exc:
             conn.close()
             raise WitnessStateUnavailable(f"cannot prepare witness state {self._path}: {exc}") from exc
@@ -286,6 +469,45 @@ class SqliteWitnessState:
                 self._rollback()
                 raise
 
+    def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
+        """Keep evidence once, durably, at most `limit` per origin and kind (see `WitnessState.keep_conflict`)."""
+        origin, kind, presented_hash, held_size = _evidence_key(evidence)
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise WitnessStateUnavailable(f"cannot write witness state {self._path}: {exc}") from exc
+            try:
+                kept: Kept
+                repeat = self._conn.execute(
+                    "UPDATE witness_conflict SET seen = seen + 1, last_at = max(last_at, ?)"
+                    " WHERE origin = ? AND kind = ? AND presented_hash = ? AND held_size = ?",
+                    (evidence.at, origin, kind.value, presented_hash, held_size),
+                )
+                if repeat.rowcount:
+                    kept = "repeat"
+                elif self._count_conflicts(origin, kind) >= limit:
+                    kept = "full"
+                else:
+                    self._insert_conflict(evidence)
+                    kept = "new"
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise WitnessStateUnavailable(f"cannot write witness state {self._path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+        return kept
+
+    def conflicts(self) -> list[ConflictEvidence]:
+        """Every piece of evidence kept, oldest first."""
+        with self._lock:
+            try:
+                return _select_conflicts(self._conn)
+            except sqlite3.Error as exc:
+                raise WitnessStateUnavailable(f"cannot read witness state {self._path}: {exc}") from exc
+
     def close(self) -> None:
         """Close the database."""
         with self._lock:
@@ -306,11 +528,94 @@ class SqliteWitnessState:
         size, root_hash, note = row
         return int(size), bytes(root_hash), bytes(note)
 
+    def _count_conflicts(self, origin: str, kind: ConflictKind) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM witness_conflict WHERE origin = ? AND kind = ?", (origin, kind.value)
+        ).fetchone()
+        return int(row[0])
+
+    def _insert_conflict(self, e: ConflictEvidence) -> None:
+        self._conn.execute(
+            "INSERT INTO witness_conflict (origin, kind, presented_hash, held_size, first_at, last_at, seen,"
+            " submitter, old_size, proof, presented_size, presented_root, presented_note, held_root, held_note,"
+            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                e.origin,
+                e.kind.value,
+                e.presented_hash,
+                e.held_size,
+                e.at,
+                e.at if e.last_at is None else e.last_at,
+                e.seen,
+                e.submitter,
+                str(e.old_size),
+                "\n".join(base64.b64encode(h).decode("ascii") for h in e.proof),
+                str(e.presented_size),
+                e.presented_root,
+                e.presented_note,
+                e.held_root,
+                e.held_note,
+                e.reason,
+            ),
+        )
+
     def _rollback(self) -> None:
         # If even the rollback fails the connection is broken; the failed write was not committed anyway.
         if self._conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
+
+
+def _select_conflicts(conn: sqlite3.Connection) -> list[ConflictEvidence]:
+    rows = conn.execute(
+        "SELECT origin, kind, submitter, first_at, last_at, seen, old_size, proof, presented_size,"
+        " presented_root, presented_note, held_size, held_root, held_note, reason"
+        " FROM witness_conflict ORDER BY id"
+    ).fetchall()
+    return [
+        ConflictEvidence(
+            origin=str(r[0]),
+            kind=ConflictKind(r[1]),
+            submitter=str(r[2]),
+            at=float(r[3]),
+            last_at=float(r[4]),
+            seen=int(r[5]),
+            old_size=int(r[6]),
+            proof=tuple(base64.b64decode(line) for line in str(r[7]).split("\n") if line),
+            presented_size=int(r[8]),
+            presented_root=bytes(r[9]),
+            presented_note=bytes(r[10]),
+            held_size=int(r[11]),
+            held_root=bytes(r[12]),
+            held_note=bytes(r[13]),
+            reason=str(r[14]),
+        )
+        for r in rows
+    ]
+
+
+def read_conflicts(path: Path) -> list[ConflictEvidence]:
+    """The evidence a witness kept, read from its state file without writing to it (for auditors).
+
+    `ConfigError` if there is no such file or it is not a witness's state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("no such witness database (not a file)", file=path)
+    try:
+        conn = sqlite3.connect("file:" + quote(str(path.resolve()), safe="/") + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open as a witness database: {exc}", file=path) from exc
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "witness_checkpoint" not in tables:
+            raise ConfigError("not a witness database (no witness_checkpoint table)", file=path)
+        return _select_conflicts(conn) if "witness_conflict" in tables else []
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read as a witness database: {exc}", file=path) from exc
+    finally:
+        conn.close()
 
 
 # -- the witness ----------------------------------------------------------------------------------
@@ -321,21 +626,38 @@ class Witness:
 
     `logs` maps each known log origin to the verifier of that log's checkpoint key. Unknown origins
     are refused; there is no trust on first use of a key, only of a log's first checkpoint.
+
+    Evidence of a rollback or a fork is kept in `state` (at most `max_evidence` distinct notes per
+    log and kind) and tallied in memory for the health endpoint (`conflict_summary`), from what the
+    state holds when the witness is made.
     """
 
     def __init__(
-        self, cosigner: CosignatureSigner, logs: Mapping[str, NoteVerifier], state: WitnessState, clock: Clock
+        self,
+        cosigner: CosignatureSigner,
+        logs: Mapping[str, NoteVerifier],
+        state: WitnessState,
+        clock: Clock,
+        *,
+        max_evidence: int = MAX_EVIDENCE_PER_KIND,
     ) -> None:
         if not isinstance(cosigner, CosignatureSigner):
             raise TypeError("a witness cosigns with a CosignatureSigner")
         for origin, verifier in logs.items():
             if not isinstance(origin, str) or not origin or not isinstance(verifier, NoteVerifier):
                 raise TypeError("logs maps non-empty origin strings to NoteVerifier objects")
+        if not isinstance(max_evidence, int) or isinstance(max_evidence, bool) or max_evidence < 1:
+            raise TypeError("max_evidence is a positive integer")
         self._cosigner = cosigner
         self._logs = dict(logs)
         self._state = state
         self._clock = clock
+        self._max_evidence = max_evidence
         self._locks = {origin: threading.Lock() for origin in self._logs}
+        self._tally_lock = threading.Lock()
+        self._tally: dict[tuple[str, ConflictKind], dict[str, Any]] = {}
+        for evidence in state.conflicts():
+            self._count(evidence, "new", submissions=evidence.seen)
 
     @property
     def name(self) -> str:
@@ -346,10 +668,36 @@ class Witness:
         """The verifier key logs configure to check this witness's cosignatures."""
         return self._cosigner.vkey()
 
+    def conflicts(self) -> list[ConflictEvidence]:
+        """The evidence of rollbacks and forks this witness kept, oldest first."""
+        return self._state.conflicts()
+
+    def conflict_summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per log origin and kind: submissions seen, pieces kept, the last one's time and sizes.
+
+        Read from memory (the health endpoint calls it on the event loop); empty while all is well.
+        """
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        with self._tally_lock:
+            for (origin, kind), tally in sorted(self._tally.items()):
+                out.setdefault(origin, {})[kind.value] = dict(tally)
+        return out
+
     def add_checkpoint(
-        self, old_size: int, proof: Sequence[bytes], note_text: bytes, *, submitter_origin: str | None = None
+        self,
+        old_size: int,
+        proof: Sequence[bytes],
+        note_text: bytes,
+        *,
+        submitter_origin: str | None = None,
+        submitter: str | None = None,
+        on_conflict: Callable[[ConflictEvidence], None] | None = None,
     ) -> NoteSignature:
         """Check a submitted checkpoint against the one held for its log, store it, and cosign it.
+
+        `submitter` names who submitted (the peer gateway's identity), for the evidence; it defaults
+        to `submitter_origin`. `on_conflict` is called (in this thread) with each submission that is
+        evidence of a rollback or a fork, after the evidence is kept and before the refusal is raised.
 
         Raises, without storing or cosigning:
 
@@ -362,6 +710,9 @@ class Witness:
         - WitnessEquivocation: same size as held, different root (409; evidence of a fork);
         - ProofError: the consistency proof does not verify (422);
         - WitnessStateUnavailable: the state cannot be read or written durably.
+
+        The refusals that are evidence (a validly signed checkpoint below the cosigned size, of that
+        size with another root, or with a proof from it that fails) carry `CONFLICT_PUBLIC` texts.
         """
         if not isinstance(old_size, int) or isinstance(old_size, bool) or old_size < 0:
             raise InvalidArgument(f"old size {old_size!r} is not a non-negative integer")
@@ -373,11 +724,81 @@ class Witness:
         origin = checkpoint.origin
         with self._locks[origin]:
             held = self._state.latest(origin)
-            self._check_against_held(old_size, proof, checkpoint, held, note_text)
+            try:
+                self._check_against_held(old_size, proof, checkpoint, held, note_text)
+            except RequestRefused as exc:
+                kind = conflict_kind(exc)
+                if kind is not None and held is not None:
+                    now = self._clock.now()
+                    evidence = ConflictEvidence(
+                        origin=origin,
+                        kind=kind,
+                        submitter=submitter or submitter_origin or "local",
+                        at=now,
+                        last_at=now,
+                        old_size=old_size,
+                        proof=tuple(proof),
+                        presented_note=note_text,
+                        presented_size=checkpoint.size,
+                        presented_root=checkpoint.root_hash,
+                        held_note=held[2],
+                        held_size=held[0],
+                        held_root=held[1],
+                        reason=exc.reason,
+                    )
+                    self._keep(evidence)
+                    if on_conflict is not None:
+                        on_conflict(evidence)
+                raise
             if held is None or checkpoint.size != held[0]:
                 held_size = held[0] if held is not None else 0
                 self._state.store(origin, checkpoint.size, checkpoint.root_hash, note_text, expected_size=held_size)
             return self._cosigner.cosign(note.body, self._timestamp())
+
+    def _keep(self, evidence: ConflictEvidence) -> None:
+        """Keep the evidence in the state, tally it, and log it at ERROR (the refusal still goes out)."""
+        try:
+            kept: Kept | None = self._state.keep_conflict(evidence, limit=self._max_evidence)
+        except WitnessStateUnavailable as exc:
+            kept = None
+            _log.error("witness %s: could not keep evidence against log %r: %s", self.name, evidence.origin, exc.reason)
+        tally = self._count(evidence, kept)
+        where = {
+            "new": "evidence kept",
+            "repeat": "the same evidence is already kept",
+            "full": f"not kept: {self._max_evidence} pieces of this kind are kept already",
+            None: "NOT KEPT",
+        }[kept]
+        _log.error(
+            "%s by log %r (submitted by %s), seen %d time(s); %s. %s",
+            evidence.kind.value.upper(),
+            evidence.origin,
+            evidence.submitter,
+            tally["submissions"],
+            where,
+            evidence.reason,
+            extra={"origin": evidence.origin, "conflict": evidence.kind.value, "submitter": evidence.submitter},
+        )
+
+    def _count(self, evidence: ConflictEvidence, kept: Kept | None, *, submissions: int = 1) -> dict[str, Any]:
+        with self._tally_lock:
+            tally = self._tally.setdefault(
+                (evidence.origin, evidence.kind), {"submissions": 0, "kept": 0, "not_kept": 0}
+            )
+            tally["submissions"] += submissions
+            if kept == "new":
+                tally["kept"] += 1
+            elif kept in ("full", None):
+                tally["not_kept"] += 1
+            last = evidence.at if evidence.last_at is None else evidence.last_at
+            if last >= tally.get("last_at", last):
+                tally.update(
+                    last_at=last,
+                    last_presented_size=evidence.presented_size,
+                    cosigned_size=evidence.held_size,
+                    submitter=evidence.submitter,
+                )
+            return dict(tally)
 
     def _authenticate(self, note: Note, submitter_origin: str | None) -> Checkpoint:
         """Parse the checkpoint, find its log, check the log's signature and who submitted it."""
@@ -411,17 +832,29 @@ class Witness:
         """The tlog-witness checks, in its order, of a submission against the checkpoint held."""
         origin = checkpoint.origin
         held_size, held_root = (held[0], held[1]) if held is not None else (0, EMPTY_ROOT)
+        # What the witness knows of the log whatever old size it claims: a size below the one cosigned
+        # (that log signed the larger checkpoint before), or that size with another root. A log that is
+        # merely behind knows an old size below ours, but never presents less than it had.
+        shows = None
+        if held is not None and checkpoint.size < held_size:
+            shows = ConflictKind.ROLLBACK
+        elif held is not None and checkpoint.size == held_size and checkpoint.root_hash != held_root:
+            shows = ConflictKind.FORK
+        public = None if shows is None else CONFLICT_PUBLIC[shows]
         if old_size > checkpoint.size:
-            if old_size == held_size:
+            if shows is ConflictKind.ROLLBACK:
                 raise InvalidArgument(
                     f"rollback: log {origin!r} presents size {checkpoint.size}, behind the size {held_size}"
-                    f" witness {self.name} already cosigned"
+                    f" witness {self.name} already cosigned",
+                    public=public,
                 )
-            raise InvalidArgument(f"old size {old_size} is above the checkpoint size {checkpoint.size}")
+            raise InvalidArgument(f"old size {old_size} is above the checkpoint size {checkpoint.size}", public=public)
         if old_size != held_size:
             raise WitnessConflict(
-                f"log {origin!r} submitted old size {old_size}, but witness {self.name} holds size {held_size}",
+                f"log {origin!r} submitted old size {old_size}, but witness {self.name} holds size {held_size}"
+                + ("" if shows is None else f"; its checkpoint of size {checkpoint.size} shows a {shows.value}"),
                 known_size=held_size,
+                public=public,
             )
         if checkpoint.size == held_size:
             self._check_same_size(origin, checkpoint, proof, held, note_text)
@@ -436,7 +869,8 @@ class Witness:
                     f"log {origin!r}: the consistency proof from the cosigned size {held_size}"
                     f" (root {held_root.hex()}) to size {checkpoint.size} (root"
                     f" {checkpoint.root_hash.hex()}) does not verify ({exc.reason}); if the proof is"
-                    " well formed, the log may be presenting a different history"
+                    " well formed, the log may be presenting a different history",
+                    public=CONFLICT_PUBLIC[ConflictKind.BAD_PROOF],
                 ) from exc
 
     def _check_same_size(

@@ -18,6 +18,8 @@ from gateway.audit.merkle import MerkleTree, leaf_hash
 from gateway.audit.note import Checkpoint, NoteSigner, sign_note
 from gateway.audit.store import LogReader
 from gateway.audit.tools import load_anchors, verify_log
+from gateway.audit.witness import ConflictKind, read_conflicts
+from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config
 from tests.netharness import NetworkThread, records, wait_for
 
 pytestmark = pytest.mark.integration
@@ -160,3 +162,74 @@ def test_the_caller_gets_the_request_id_of_its_records(net: NetworkThread) -> No
     assert origin.request_id == host.request_id == request_id
     [refused] = records(net, "hampshire", officer=officer, status="NOT_FOUND")
     assert refused.request_id == refused_id
+
+
+def _witnessed(db: Path, origin: str) -> int:
+    """The size a witness database holds for `origin` (0 if none), read the way an auditor would."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT size FROM witness_checkpoint WHERE origin = ?", (origin,)).fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
+def test_a_truncated_log_is_reported_by_every_peer_witness(tmp_path: Path) -> None:
+    """Thames Valley cuts its cosigned log back and restarts: Hampshire's and Surrey's gateways keep the
+    evidence, count it and show it; Thames Valley's own gateway shows its witnesses dispute its log."""
+    tv, origin = "thames-valley", "thames-valley.se.psn/audit"
+    peers = ("hampshire", "surrey")
+    net = NetworkThread(tmp_path / "net", relay_links=False)  # its own network: this one is damaged on purpose
+    append_config(net, LIFTED_RATE_LIMITS)
+    net.start()
+    try:
+        for _ in range(12):
+            assert search(net, tv, f"DC-{uuid.uuid4().hex[:8]}") is grpc.StatusCode.OK
+        witness_dbs = {force: net.layout.config(force).witness_db for force in peers}
+        wait_for(
+            lambda: all(_witnessed(db, origin) >= 12 for db in witness_dbs.values()),
+            "both peers to cosign Thames Valley's 12 records",
+        )
+        cosigned = {force: _witnessed(db, origin) for force, db in witness_dbs.items()}
+
+        net.run(net.network.gateways[tv].stop(grace=0))
+        conn = sqlite3.connect(net.layout.config(tv).audit.db, isolation_level=None)
+        try:  # what a force could do to its own file: drop the newest records and what covers them
+            conn.execute("DELETE FROM records WHERE idx >= 4")
+            conn.execute("DELETE FROM checkpoints WHERE size > 4")
+            conn.execute("DELETE FROM cosignatures")
+        finally:
+            conn.close()
+        net.run(net.network.start_gateway(tv))
+        assert search(net, tv, f"DC-{uuid.uuid4().hex[:8]}") is grpc.StatusCode.OK
+
+        def reported(force: str) -> bool:
+            health = net.network.gateways[force].health()
+            return "rollback" in health["witness"]["conflicts"].get(origin, {})
+
+        wait_for(lambda: all(reported(force) for force in peers), "both peer witnesses to report the rollback")
+        for force in peers:
+            gateway = net.network.gateways[force]
+            summary = gateway.health()["witness"]["conflicts"][origin]["rollback"]
+            assert summary["kept"] >= 1 and summary["cosigned_size"] == cosigned[force]
+            assert summary["last_presented_size"] < cosigned[force]
+            assert summary["submitter"] == "spiffe://thames-valley.se.psn/gateway"
+            assert gateway.metrics.witness_conflicts.value(origin=origin, kind="rollback") >= 1
+            assert b'psngw_witness_conflicts_total{origin="thames-valley.se.psn/audit",kind="rollback"}' in (
+                gateway.registry.expose()
+            )
+            kept = read_conflicts(witness_dbs[force])  # durable, and readable while the gateway runs
+            assert kept and all(e.kind is ConflictKind.ROLLBACK and e.origin == origin for e in kept)
+            assert all(e.held_size == cosigned[force] > e.presented_size for e in kept)
+            assert _witnessed(witness_dbs[force], origin) == cosigned[force]  # it kept the real history
+        wait_for(
+            lambda: (
+                net.network.gateways[tv].health()["disputed_by"]
+                == ["hampshire.se.psn/witness", "surrey.se.psn/witness"]
+            ),
+            "Thames Valley to show that its witnesses report its log rolled back",
+        )
+    finally:
+        net.stop()

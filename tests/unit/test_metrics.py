@@ -542,6 +542,8 @@ def test_gateway_metrics_names_types_and_labels() -> None:
         "psngw_checkpoint_cosignatures": ("gauge", ()),
         "psngw_witness_quorum_required": ("gauge", ()),
         "psngw_witness_quorum_reached": ("gauge", ()),
+        "psngw_witness_conflicts_total": ("counter", ("origin", "kind")),
+        "psngw_log_witness_disputes": ("gauge", ("witness",)),
         "psngw_peer_circuit_open": ("gauge", ("force",)),
         "psngw_relay_channels_open": ("gauge", ("force",)),
         "psngw_build_info": ("gauge", ("version",)),

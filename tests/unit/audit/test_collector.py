@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway.audit.collector import Collector
@@ -13,9 +15,11 @@ from gateway.audit.merkle import MerkleTree, leaf_hash
 from gateway.audit.note import Checkpoint, parse_note, parse_signature_lines, sign_note, verify_cosignature
 from gateway.audit.store import AuditLog, LogReader
 from gateway.audit.tools import TrustAnchors, verify_log
-from gateway.audit.witness import Witness, WitnessConflict
+from gateway.audit.witness import CONFLICT_PUBLIC, ConflictKind, Witness, WitnessConflict, conflict_kind
+from gateway.audit.witness_grpc import GrpcWitnessClient
 from gateway.clock import FakeClock
-from gateway.errors import Unavailable
+from gateway.errors import GatewayError, RequestRefused, Unavailable
+from gateway.metrics import GatewayMetrics, Registry
 
 from ._helpers import (
     T0,
@@ -189,8 +193,13 @@ def test_a_forked_log_cannot_get_its_other_history_cosigned(tmp_path: Path) -> N
         for r in results:
             # It claimed old size 0; the witness holds 10, so it retried with a proof from 10 that fails.
             assert "different history" in (r.error or ""), r.error
+            assert r.conflict is ConflictKind.BAD_PROOF and r.equivocation
         assert all(c.calls[0] == (0, 0) and c.calls[1][0] == 10 for c in fork_clients.values())
         assert fork.status()["quorum"]["reached"] is False
+        assert all(w["equivocation"] for w in fork.status()["witnesses"].values())
+        for witness in witnesses.values():  # and each witness kept the forked checkpoint, once
+            [evidence] = witness.conflicts()
+            assert evidence.kind is ConflictKind.BAD_PROOF and evidence.presented_size == 12
         await fork.close()
         await real.close()
 
@@ -220,7 +229,11 @@ def test_the_same_size_with_another_root_is_equivocation(tmp_path: Path) -> None
         results = await fork.collect_once()
         assert len(results) == 2
         assert all(r.equivocation and "EQUIVOCATION" in (r.error or "") for r in results), results
+        assert all(r.conflict is ConflictKind.FORK for r in results)
         assert fork.status()["witnesses"]["hampshire.se.psn/witness"]["equivocation"] is True
+        for witness in witnesses.values():  # seen twice (old size 0, then 10), kept once
+            [evidence] = witness.conflicts()
+            assert (evidence.kind, evidence.seen) == (ConflictKind.FORK, 2)
         await fork.close()
         await real.close()
 
@@ -302,8 +315,113 @@ def test_a_witness_claiming_a_larger_size_reveals_a_rollback() -> None:
         note = sign_note(Checkpoint("thames-valley.se.psn/audit", 5, tree.root()).body(), [signer(TV)])
         (result,) = await collector.submit(note)
         assert result.equivocation and "rolled back or forked" in (result.error or "")
+        assert result.conflict is ConflictKind.ROLLBACK
 
     asyncio.run(run())
+
+
+def test_a_truncated_log_is_reported_by_its_witnesses_and_knows_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thames Valley had 12 records cosigned, then cut its log back to 4 and went on from there."""
+    clock = FakeClock(T0)
+    witnesses = _witnesses(clock)
+    real = new_log(tmp_path / "real.db", clock=clock, witness_quorum=2)
+    real.open()
+
+    async def run() -> None:
+        _register(real, witnesses)
+        await fill_async(real, 12)
+        await _checkpoint(real, 12)
+        assert all(r.ok for r in await real.collect_once())
+        await real.close()
+
+        truncated = new_log(tmp_path / "truncated.db", clock=clock, witness_quorum=2)
+        await asyncio.to_thread(truncated.open)  # collection only when asked
+        _register(truncated, witnesses)
+        await fill_async(truncated, 4)
+        await truncated.append(make_record(99))
+        await _checkpoint(truncated, 5)
+        results = await truncated.collect_once()
+        assert len(results) == 2 and all(r.conflict is ConflictKind.ROLLBACK for r in results), results
+        status = truncated.status()["witnesses"]
+        assert all(w["equivocation"] and "rolled back" in w["last_error"] for w in status.values()), status
+        assert truncated.status()["quorum"]["reached"] is False
+        await truncated.close()
+
+    asyncio.run(run())
+    for witness in witnesses.values():
+        [evidence] = witness.conflicts()
+        assert (evidence.kind, evidence.presented_size, evidence.held_size) == (ConflictKind.ROLLBACK, 5, 12)
+    reported = [r for r in caplog.records if r.name == "gateway.audit.collector" and "ROLLBACK" in r.getMessage()]
+    assert len(reported) == 2 and all(r.levelname == "ERROR" for r in reported)
+
+
+class _RpcChannel:
+    """A gRPC channel whose every call fails with one status: a witness's answer, or none."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+    def unary_unary(self, method: str, **kwargs: object) -> Callable[..., Awaitable[object]]:
+        async def call(request: object, *, timeout: float) -> object:
+            raise self.error
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "refused", "kind"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, CONFLICT_PUBLIC[ConflictKind.FORK], True, ConflictKind.FORK),
+        (grpc.StatusCode.INVALID_ARGUMENT, CONFLICT_PUBLIC[ConflictKind.ROLLBACK], True, ConflictKind.ROLLBACK),
+        (grpc.StatusCode.INVALID_ARGUMENT, CONFLICT_PUBLIC[ConflictKind.BAD_PROOF], True, ConflictKind.BAD_PROOF),
+        (grpc.StatusCode.INVALID_ARGUMENT, "invalid proof", True, None),
+        (grpc.StatusCode.UNAUTHENTICATED, "checkpoint signature not valid", True, None),
+        (grpc.StatusCode.UNAVAILABLE, "connection refused", False, None),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", False, None),
+        (grpc.StatusCode.UNAVAILABLE, CONFLICT_PUBLIC[ConflictKind.FORK], False, None),  # not the witness speaking
+    ],
+)
+def test_the_grpc_client_tells_a_reported_fork_from_an_unreachable_witness(
+    code: grpc.StatusCode, details: str, refused: bool, kind: ConflictKind | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        client = GrpcWitnessClient(lambda: _RpcChannel(code, details), peer="hampshire", timeout=1.0)  # type: ignore[arg-type, return-value]  # the twin of a channel
+        with pytest.raises(GatewayError) as excinfo:
+            await client.add_checkpoint(0, [], b"note")
+        assert isinstance(excinfo.value, RequestRefused if refused else Unavailable)
+        assert conflict_kind(excinfo.value) is kind
+
+        collector = Collector(proof=lambda old, new: [], timeout=1.0)
+        collector.add("hampshire.se.psn/witness", client, cosig_verifier("hampshire"))
+        tree = MerkleTree(leaf_hash(bytes([i])) for i in range(5))
+        note = sign_note(Checkpoint("thames-valley.se.psn/audit", 5, tree.root()).body(), [signer(TV)])
+        (result,) = await collector.submit(note)
+        assert (result.conflict, result.equivocation) == (kind, kind is not None)
+        status = collector.witnesses["hampshire.se.psn/witness"]
+        assert (status.conflict, status.equivocation, status.conflicts) == (
+            kind,
+            kind is not None,
+            int(kind is not None),
+        )
+
+    asyncio.run(run())
+    [line] = [r for r in caplog.records if r.name == "gateway.audit.collector"]
+    assert line.levelname == ("ERROR" if kind is not None else "WARNING")
+
+
+def test_the_log_side_metric_shows_each_witness_that_reports_a_fork() -> None:
+    witnesses = {
+        "hampshire.se.psn/witness": {"equivocation": True},
+        "surrey.se.psn/witness": {"equivocation": False},
+    }
+    metrics = GatewayMetrics(Registry(), version="test")
+    metrics.watch_log_disputes(lambda: {"witnesses": witnesses})
+    assert metrics.log_witness_disputes.value(witness="hampshire.se.psn/witness") == 1
+    assert metrics.log_witness_disputes.value(witness="surrey.se.psn/witness") == 0
+    witnesses["surrey.se.psn/witness"]["equivocation"] = True  # read at each scrape
+    assert b'psngw_log_witness_disputes{witness="surrey.se.psn/witness"} 1' in metrics.registry.expose()
 
 
 def test_a_verifier_must_carry_the_witness_name() -> None:

@@ -79,7 +79,8 @@ def test_sigkill_under_load_loses_no_acknowledged_record(tmp_path: Path) -> None
 
         with LogReader.open(db) as reader:
             verified = verify_log(reader, TrustAnchors(log_verifiers=(log_verifier("thames-valley"),), at=T0))
-        assert verified.ok, (where, verified.findings[:3])
+        # Nothing of the crash shows: the one finding is that no other force witnessed this lone log.
+        assert [f.kind for f in verified.findings] == ["witness"], (where, verified.findings[:3])
 
         tree = MerkleTree(leaf_hash(stored[i]) for i in range(len(stored)))
         checkpoints = {int(s): bytes(r) for s, r in rows(db, "SELECT size, root FROM checkpoints")}

@@ -21,13 +21,14 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway import pki as x509_pki
-from gateway.audit.merkle import leaf_hash
-from gateway.audit.note import Checkpoint, parse_note, sign_note, verify_note
+from gateway.audit.merkle import MerkleTree, leaf_hash
+from gateway.audit.note import Checkpoint, CosignatureSigner, parse_note, sign_note, verify_note
 from gateway.audit.record import AuditRecord, format_time
 from gateway.audit.store import LogReader, embedded_index
 from gateway.audit.tools import TrustAnchors, load_anchors, verify_log
 from gateway.cli import main
 from gateway.clock import FakeClock
+from gateway.errors import ConfigError
 
 from ._helpers import (
     FORCES,
@@ -35,6 +36,7 @@ from ._helpers import (
     FakeWitnessClient,
     Pki,
     cosig_verifier,
+    cosigner,
     domain,
     execute,
     fill,
@@ -99,6 +101,27 @@ def db(material: tuple[Path, Pki], tmp_path: Path) -> Path:
 @pytest.fixture
 def pki(material: tuple[Path, Pki]) -> Pki:
     return material[1]
+
+
+#: The keys an auditor pins on the command line: Thames Valley's log key and the two peers' witness keys.
+PINNED = (
+    "--vkey", log_verifier(TV).vkey(), "--vkey", cosig_verifier("hampshire").vkey(),
+    "--vkey", cosig_verifier("surrey").vkey(),
+)  # fmt: skip
+
+
+def _cosign(db: Path, peers: tuple[str, ...] = FORCES[1:]) -> None:
+    """Cosign every checkpoint of `db` as the peers' witnesses would, and store their keys (no certificate)."""
+    for size, text in rows(db, "SELECT size, note FROM checkpoints"):
+        body = parse_note(bytes(text)).body
+        for peer in peers:
+            w = cosigner(peer)
+            line = w.cosign(body, int(T0)).line()
+            execute(
+                db,
+                ("INSERT OR IGNORE INTO witness_keys VALUES (?, ?, NULL, ?)", (w.vkey(), w.name, T0)),
+                ("INSERT INTO cosignatures VALUES (?, ?, ?, ?, ?)", (size, w.name, line, int(T0), T0)),
+            )
 
 
 def _anchors(**kw: Any) -> TrustAnchors:
@@ -244,7 +267,7 @@ def test_the_verify_command_exits_1_and_prints_the_first_bad_item(
     db: Path, capsys: pytest.CaptureFixture[str], name: str, tamper: Callable[[Path], None], first: str
 ) -> None:
     tamper(db)
-    code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey())
+    code, out, _ = _run(capsys, "verify", str(db), *PINNED)
     assert code == 1
     assert "FAILED" in out and "first bad: " in out
 
@@ -274,7 +297,9 @@ DELETIONS = [
     ], []),
     ("one record after the last checkpoint", _delete_one_after_the_checkpoint, [
         "record 41 is missing (the next stored record is 42): records were deleted",
-    ], ["records 40..42 are not yet covered by a checkpoint"]),
+    ], [
+        "records 40..42 are not yet covered by a checkpoint, so not yet witnessed: no other force has vouched for them",
+    ]),
 ]  # fmt: skip
 
 
@@ -295,8 +320,9 @@ def test_the_verify_command_reports_one_deleted_record_once(tmp_path: Path, caps
     fill(log, 11)
     log.wait_checkpoint(11)
     log.close_blocking()
+    _cosign(db)
     execute(db, ("DELETE FROM records WHERE idx = 5", ()))
-    code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey())
+    code, out, _ = _run(capsys, "verify", str(db), *PINNED)
     assert code == 1
     assert out.splitlines()[-3:] == [
         "FAILED: 2 finding(s); first bad: record 5 is missing (the next stored record is 6): records were deleted",
@@ -345,8 +371,14 @@ def test_verify_needs_trusted_keys(db: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_verify_with_the_log_key_only_leaves_witnesses_untrusted(db: Path) -> None:
+    # The log's own key shows only what the force signed: with no witness trusted, nothing is witnessed.
     report = _verify(db, TrustAnchors(log_verifiers=(log_verifier(TV),), at=T0))
-    assert report.ok and report.cosignatures == 0 and report.untrusted_cosignatures == 2 * N // EVERY
+    assert report.cosignatures == 0 and report.untrusted_cosignatures == 2 * N // EVERY
+    assert [f.kind for f in report.findings] == ["witness"] and report.witnessed is None
+    assert report.findings[0].message.endswith(
+        "and has 0 (cosigned by: none; not counted: hampshire.se.psn/witness (a key not trusted),"
+        " surrey.se.psn/witness (a key not trusted))"
+    )
 
 
 def test_verify_with_another_key_trusts_nothing(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -412,6 +444,219 @@ def test_load_anchors_knows_cosignature_keys() -> None:
     anchors = load_anchors(vkeys=[cosig_verifier("surrey").vkey(), log_verifier(TV).vkey()], at=T0)
     assert [v.name for v in anchors.log_verifiers] == [origin(TV)]
     assert [v.name for v in anchors.witness_verifiers] == ["surrey.se.psn/witness"]
+
+
+# -- verify: witnessed by other forces, never by the log's own ------------------------------------
+
+OWN_WITNESS = f"{domain(TV)}/witness"
+
+
+def _rewrite_history(db: Path, pki: Pki) -> None:
+    """Thames Valley rewrites its own log: record 7 altered, every checkpoint re-signed with its log key, the peers'
+    cosignatures dropped."""
+    data = _data(db, 7).replace(b'"officer_id":"OFF2"', b'"officer_id":"OFF3"')
+    execute(
+        db,
+        ("UPDATE records SET data = ?, leaf_hash = ? WHERE idx = 7", (data, leaf_hash(data))),
+        ("DELETE FROM cosignatures", ()),
+        ("DELETE FROM checkpoints", ()),
+    )
+    tree = MerkleTree([bytes(h) for (h,) in rows(db, "SELECT leaf_hash FROM records ORDER BY idx")])
+    for size in range(EVERY, N + 1, EVERY):
+        note = sign_note(Checkpoint(origin(TV), size, tree.root(size)).body(), [signer(TV)])
+        execute(db, ("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)", (size, tree.root(size), note.text(), T0, T0)))
+
+
+def _cosign_as(db: Path, witness: CosignatureSigner, certificate: bytes | None) -> None:
+    """Store `witness`'s key (with `certificate`) and its cosignature on every checkpoint."""
+    execute(db, ("INSERT INTO witness_keys VALUES (?, ?, ?, ?)", (witness.vkey(), witness.name, certificate, T0)))
+    for size, text in rows(db, "SELECT size, note FROM checkpoints"):
+        line = witness.cosign(parse_note(bytes(text)).body, int(T0)).line()
+        execute(db, ("INSERT INTO cosignatures VALUES (?, ?, ?, ?, ?)", (size, witness.name, line, int(T0), T0)))
+
+
+def _rewritten_and_self_cosigned(db: Path, pki: Pki) -> None:
+    # Its own witness name and its own log key, with its own (genuine) log certificate.
+    _rewrite_history(db, pki)
+    _cosign_as(db, CosignatureSigner(OWN_WITNESS, key(TV)), pki.log_certs[TV])
+
+
+def _rewritten_and_cosigned_under_a_peers_name(db: Path, pki: Pki) -> None:
+    # Its own log key under Surrey's witness name: only the unsafe stored keys would believe the name.
+    _rewrite_history(db, pki)
+    _cosign_as(db, CosignatureSigner("surrey.se.psn/witness", key(TV)), None)
+
+
+def _checkpoints_removed(db: Path, pki: Pki) -> None:
+    execute(db, ("DELETE FROM cosignatures", ()), ("DELETE FROM checkpoints", ()))
+
+
+def _directory(pki: Pki, tmp_path: Path) -> list[str]:
+    return ["--directory", str(pki.directory), "--at", AT]
+
+
+def _log_certs(pki: Pki, tmp_path: Path) -> list[str]:
+    args = []
+    for force in FORCES:
+        path = tmp_path / f"{force}-log.pem"
+        path.write_bytes(pki.log_certs[force])
+        args += ["--log-cert", str(path)]
+    return args
+
+
+def _own_vkeys(pki: Pki, tmp_path: Path) -> list[str]:
+    return [*PINNED, "--vkey", CosignatureSigner(OWN_WITNESS, key(TV)).vkey()]
+
+
+def _unsafe(pki: Pki, tmp_path: Path) -> list[str]:
+    return ["--unsafe-stored-keys"]
+
+
+UNWITNESSED = r"^no checkpoint of the log is witnessed by another force, so its history \(all 40 records\) could have"
+SELF_COSIGNED = r"^checkpoint 10: the cosignature by thames-valley\.se\.psn/witness is by the log's own force"
+WITNESS_ATTACKS = [
+    ("rewritten, re-signed, peers' cosignatures dropped", _rewrite_history, _directory, UNWITNESSED),
+    ("the same, cosigned by its own witness (directory)", _rewritten_and_self_cosigned, _directory, SELF_COSIGNED),
+    ("the same, cosigned by its own witness (log certificates)", _rewritten_and_self_cosigned, _log_certs,
+     SELF_COSIGNED),
+    ("the same, cosigned by its own witness (pinned keys)", _rewritten_and_self_cosigned, _own_vkeys, SELF_COSIGNED),
+    ("the same, its own key under a peer's witness name", _rewritten_and_cosigned_under_a_peers_name, _unsafe,
+     r"^checkpoint 10: the cosignature by surrey\.se\.psn/witness is by the log's own force \(its name, or one of"),
+    ("every checkpoint removed", _checkpoints_removed, _directory, UNWITNESSED + r".*; the log has no checkpoint$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "tamper", "trust", "first"), WITNESS_ATTACKS, ids=[a[0] for a in WITNESS_ATTACKS])
+def test_a_log_its_own_force_rewrote_is_not_witnessed(
+    db: Path, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str,
+    tamper: Callable[[Path, Pki], None], trust: Callable[[Pki, Path], list[str]], first: str,
+) -> None:  # fmt: skip
+    tamper(db, pki)
+    code, out, _ = _run(capsys, "verify", str(db), *trust(pki, tmp_path), "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and report["witnessed"] is None and report["witnesses"] == []
+    assert re.search(first, report["first"]), report["findings"]
+    last = report["findings"][-1]
+    assert last["kind"] == "witness" and re.search(UNWITNESSED, last["message"])
+    assert "could have been rewritten by the force of thames-valley.se.psn/audit itself" in last["message"]
+
+
+def test_the_unwitnessed_finding_names_who_did_cosign(db: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    _rewritten_and_self_cosigned(db, pki)
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(pki.directory), "--at", AT)
+    assert code == 1 and "OK" not in out
+    assert "witnessed: no checkpoint; the witnesses of at least 1 other force(s) needed (--quorum)" in out
+    assert out.rstrip().endswith(
+        "  no checkpoint of the log is witnessed by another force, so its history (all 40 records) could have been"
+        " rewritten by the force of thames-valley.se.psn/audit itself; its latest, checkpoint 40: it needs valid"
+        " cosignatures, with trusted keys, by the witnesses of at least 1 force(s) other than the log's own, and has 0"
+        " (cosigned by: none; not counted: thames-valley.se.psn/witness (the log's own force))"
+    )
+
+
+def test_a_bundle_of_a_rewritten_log_is_not_witnessed(
+    db: Path, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _rewritten_and_self_cosigned(db, pki)
+    out = tmp_path / "bundle.json"
+    _export(db, capsys, out, "--since", format_time(T0 + 5 * HOURS), "--until", format_time(T0 + 9 * HOURS))
+    code, text, _ = _run(capsys, "verify-bundle", str(out), "--directory", str(pki.directory), "--at", AT, "--json")
+    report = json.loads(text)
+    assert code == 1 and report["witnessed"] is None
+    assert [f["kind"] for f in report["findings"]] == ["cosignature", "witness"]
+    assert report["findings"][-1]["message"] == (
+        f"checkpoint {N}, the bundle's, is not witnessed: it needs valid cosignatures, with trusted keys, by the"
+        " witnesses of at least 1 force(s) other than the log's own, and has 0 (cosigned by: none; not counted:"
+        " thames-valley.se.psn/witness (the log's own force)): its records and their proofs could have been made up"
+        " by the force of thames-valley.se.psn/audit itself"
+    )
+
+
+def test_an_honest_log_and_its_bundle_are_witnessed_by_the_peers(
+    db: Path, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _run(capsys, "verify", str(db), "--directory", str(pki.directory), "--at", AT, "--quorum", "2")
+    assert code == 0 and "OK: no finding" in out
+    assert f"witnessed: the last checkpoint (size {N}); the witnesses of at least 2 other force(s) needed" in out
+    bundle = tmp_path / "bundle.json"
+    _export(db, capsys, bundle, "--since", format_time(T0 + 5 * HOURS))
+    code, text, _ = _run(capsys, "verify-bundle", str(bundle), "--directory", str(pki.directory), "--at", AT, "--json")
+    report = json.loads(text)
+    assert code == 0 and report["witnessed"] == N and report["quorum"] == 1
+    assert report["witnesses"] == ["hampshire.se.psn/witness", "surrey.se.psn/witness"]
+
+
+def test_the_quorum_counts_other_forces_not_cosignatures(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Hampshire's cosignatures are gone; Surrey cosigned under two names with two keys: still one force.
+    execute(db, ("DELETE FROM cosignatures WHERE witness = 'hampshire.se.psn/witness'", ()))
+    second = CosignatureSigner("surrey.se.psn/witness-2", key("surrey 2"))
+    _cosign_as(db, second, None)
+    code, out, _ = _run(capsys, "verify", str(db), *PINNED, "--vkey", second.vkey(), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["witnessed"] == N, report["findings"]
+    code, out, _ = _run(capsys, "verify", str(db), *PINNED, "--vkey", second.vkey(), "--quorum", "2", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["witnessed"] is None and report["quorum"] == 2
+    assert report["first"].endswith("has 1 (cosigned by: surrey.se.psn/witness, surrey.se.psn/witness-2)"), report[
+        "first"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--quorum", "0"], "--quorum: must be a number of other forces in 1..64, got 0: a log cannot witness itself"),
+        (["--quorum", "65"], "--quorum: must be a number of other forces in 1..64"),
+        (["--directory", "DIRECTORY", "--quorum", "3"],
+         "--quorum: the network has 2 force(s) besides any log's own: a quorum of 3 can never be met"),
+    ],
+    ids=["none", "too many", "more than the network has"],
+)  # fmt: skip
+def test_an_impossible_quorum_is_refused(
+    db: Path, pki: Pki, capsys: pytest.CaptureFixture[str], argv: list[str], error: str
+) -> None:
+    argv = [str(pki.directory) if a == "DIRECTORY" else a for a in argv]
+    code, out, err = _run(capsys, "verify", str(db), *PINNED, *argv)
+    assert code == 2 and not out and err.startswith(f"psngw: command line: {error}") and err.count("\n") == 1
+
+
+def test_trust_anchors_never_go_without_a_witness() -> None:
+    with pytest.raises(ConfigError, match="a log cannot witness itself"):
+        TrustAnchors(log_verifiers=(log_verifier(TV),), quorum=0)
+    assert TrustAnchors().quorum == 1
+
+
+def _stop_after_more_records(db: Path) -> None:
+    """The gateway appends three records and stops: it signs a last checkpoint, which no witness has seen yet."""
+    log = new_log(db, checkpoint_every=1000)
+    log.open()
+    fill(log, 3, start=N)
+    log.checkpoint_now()
+    log.wait_checkpoint(N + 3)
+    log.close_blocking()
+
+
+def test_records_after_the_last_witnessed_checkpoint_are_a_note(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stop_after_more_records(db)
+    report = _verify(db)
+    assert report.ok and report.witnessed == N and report.last_checkpoint == N + 3 and report.witnesses == ()
+    assert report.notes == (
+        f"checkpoint {N + 3}, the latest, is not witnessed (it needs valid cosignatures, with trusted keys, by the"
+        " witnesses of at least 1 force(s) other than the log's own, and has 0 (cosigned by: none)): records"
+        f" {N}..{N + 2} are vouched for by the force of thames-valley.se.psn/audit alone; witnessed checkpoint {N}"
+        f" vouches for records 0..{N - 1}",
+    )
+    code, out, _ = _run(capsys, "verify", str(db), *PINNED)
+    assert code == 0 and f"witnessed: up to checkpoint {N}, not the last (size {N + 3})" in out
+    # A bundle is proven in the latest checkpoint a witness cosigned, so that it verifies as witnessed.
+    bundle = tmp_path / "bundle.json"
+    code, text, err = _run(capsys, "export", str(db), str(bundle))
+    assert code == 0 and f"proven against the checkpoint of size {N}" in text
+    assert f"the latest checkpoint (size {N + 3}) is not cosigned by another force's witness yet" in err
+    code, report = _verify_bundle(capsys, bundle)
+    assert code == 0 and report["witnessed"] == N
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -662,8 +907,13 @@ def test_export_then_verify_bundle(db: Path, tmp_path: Path, capsys: pytest.Capt
     code, text, _ = _run(capsys, "verify-bundle", str(out), "--directory", str(pki.directory), "--at", AT)
     assert code == 0, text
     assert "cosignatures: 2 verified with trusted keys" in text
+    code, text, _ = _run(capsys, "verify-bundle", str(out), *PINNED, "--json")
+    assert code == 0 and json.loads(text)["cosignatures"] == 2
+    # With only the log's key, the witnesses are not trusted: the bundle is not witnessed.
     code, text, _ = _run(capsys, "verify-bundle", str(out), "--vkey", log_verifier(TV).vkey(), "--json")
-    assert code == 0 and json.loads(text)["untrusted_cosignatures"] == 2
+    report = json.loads(text)
+    assert code == 1 and report["untrusted_cosignatures"] == 2 and report["witnessed"] is None
+    assert report["first"].startswith(f"checkpoint {N}, the bundle's, is not witnessed: it needs valid cosignatures")
 
 
 def test_export_never_overwrites(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -834,7 +1084,7 @@ def test_verify_bundle_finds_tampering(
     tamper(bundle)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(bundle))
-    code, text, _ = _run(capsys, "verify-bundle", str(bad), "--vkey", log_verifier(TV).vkey(), "--json")
+    code, text, _ = _run(capsys, "verify-bundle", str(bad), *PINNED, "--json")
     assert code == 1
     report = json.loads(text)
     assert re.search(first, report["first"]), report["findings"]
@@ -854,7 +1104,7 @@ def test_a_bundle_states_its_run_and_holds_every_record_of_it(
     del bundle["records"][2]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(bundle))
-    code, text, _ = _run(capsys, "verify-bundle", str(bad), "--vkey", log_verifier(TV).vkey())
+    code, text, _ = _run(capsys, "verify-bundle", str(bad), *PINNED)
     assert code == 1
     assert text.splitlines()[-2:] == [
         "FAILED: 1 finding(s); first bad: record 7 is missing from the bundle, which states records 5..8: taken out"
@@ -872,7 +1122,7 @@ def test_a_bundle_of_the_earlier_format_is_still_verified_for_a_gap(
     del bundle["start_index"], bundle["end_index"]
     old = tmp_path / "old.json"
     old.write_text(json.dumps(bundle))
-    code, text, _ = _run(capsys, "verify-bundle", str(old), "--vkey", log_verifier(TV).vkey(), "--json")
+    code, text, _ = _run(capsys, "verify-bundle", str(old), *PINNED, "--json")
     report = json.loads(text)
     assert code == 0 and report["ok"]
     assert report["notes"] == [
@@ -881,7 +1131,7 @@ def test_a_bundle_of_the_earlier_format_is_still_verified_for_a_gap(
     ]
     del bundle["records"][1]
     old.write_text(json.dumps(bundle))
-    code, text, _ = _run(capsys, "verify-bundle", str(old), "--vkey", log_verifier(TV).vkey(), "--json")
+    code, text, _ = _run(capsys, "verify-bundle", str(old), *PINNED, "--json")
     report = json.loads(text)
     assert code == 1
     assert report["first"].startswith("record 6 is missing from the bundle, between records 5 and 7: taken out, or")
@@ -895,6 +1145,7 @@ def _log_at(db: Path, hours: tuple[float, ...]) -> Path:
         log.append_blocking(make_record(i, when=T0 + h * HOURS))
     log.wait_checkpoint(len(hours))
     log.close_blocking()
+    _cosign(db)
     return db
 
 
@@ -902,7 +1153,7 @@ def _verify_bundle(capsys: pytest.CaptureFixture[str], path: Path, bundle: dict[
     """verify-bundle's exit status and JSON report, of `bundle` written to `path` (or of the file as it is)."""
     if bundle is not None:
         path.write_text(json.dumps(bundle))
-    code, text, _ = _run(capsys, "verify-bundle", str(path), "--vkey", log_verifier(TV).vkey(), "--json")
+    code, text, _ = _run(capsys, "verify-bundle", str(path), *PINNED, "--json")
     return code, json.loads(text)
 
 
@@ -1043,7 +1294,7 @@ def test_export_leaves_out_records_not_yet_checkpointed(
     log.close_blocking()
     out = tmp_path / "bundle.json"
     code, _, err = _run(capsys, "export", str(db), str(out))
-    assert code == 0 and "1 record(s) in the range come after the last checkpoint" in err
+    assert code == 0 and "1 record(s) in the range come after the checkpoint the bundle is proven in" in err
     assert len(json.loads(out.read_bytes())["records"]) == N
 
 
@@ -1079,8 +1330,7 @@ def test_a_live_log_demands_an_auditor_and_a_purpose(db: Path, capsys: pytest.Ca
             capsys, "query", str(db), "--officer", "OFF1", "--auditor", "PSD-42", "--purpose", "lawfulness"
         )
         assert code == 0 and "access recorded in the live log as record 40" in err
-        code, out, _ = _run(capsys, "verify", str(db), "--vkey", log_verifier(TV).vkey(), "--auditor", "PSD-42",
-                            "--purpose", "integrity")  # fmt: skip
+        code, out, _ = _run(capsys, "verify", str(db), *PINNED, "--auditor", "PSD-42", "--purpose", "integrity")
         assert code == 0, out
         # The gateway keeps appending, and its next checkpoint covers the reads too.
         gateway.append_blocking(make_record(41))
@@ -1096,6 +1346,37 @@ def test_a_live_log_demands_an_auditor_and_a_purpose(db: Path, capsys: pytest.Ca
     assert access[0].access_command == f"query {db} --officer=OFF1"
     assert access[0].gateway == "spiffe://thames-valley.se.psn/gateway" and access[0].force == TV
     assert _verify(db).ok
+
+
+def _through_a_link(db: Path) -> Path:
+    view = db.parent / "links" / "view.db"
+    view.parent.mkdir()
+    view.symlink_to(db)
+    return view
+
+
+def _through_dot_dot(db: Path) -> Path:
+    (db.parent / "sub").mkdir()
+    return db.parent / "sub" / ".." / db.name
+
+
+@pytest.mark.parametrize("other_name", [_through_a_link, _through_dot_dot], ids=["a symbolic link", "a path with .."])
+def test_a_live_log_read_by_another_name_is_still_recorded(
+    db: Path, capsys: pytest.CaptureFixture[str], other_name: Callable[[Path], Path]
+) -> None:
+    view = other_name(db)
+    gateway = new_log(db, checkpoint_every=1000)
+    gateway.open()
+    try:
+        code, out, err = _run(capsys, "query", str(view))
+        assert code == 2 and not out and "live log" in err and "--auditor" in err
+        code, out, err = _run(capsys, "query", str(view), "--auditor", "PSD-42", "--purpose", "lawfulness")
+        assert code == 0 and "access recorded in the live log as record 40" in err
+    finally:
+        gateway.close_blocking()
+    (data,) = rows(db, "SELECT data FROM records WHERE idx = 40")[0]
+    assert AuditRecord.decode(bytes(data)).accessor == "PSD-42"
+    assert not (view.parent / "view.db.lock").exists()
 
 
 def test_a_live_log_access_must_name_a_lawful_purpose(db: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -29,16 +30,23 @@ from gateway.audit.note import (
     verify_note,
 )
 from gateway.audit.witness import (
+    CONFLICT_PUBLIC,
     MAX_PROOF_LINES,
     AddCheckpointRequest,
+    ConflictEvidence,
+    ConflictKind,
     InMemoryWitnessState,
+    Kept,
     SqliteWitnessState,
     Witness,
     WitnessConflict,
     WitnessEquivocation,
     WitnessState,
     WitnessStateUnavailable,
+    conflict_kind,
+    read_conflicts,
 )
+from gateway.cli import main
 from gateway.clock import FakeClock
 from gateway.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
@@ -110,6 +118,8 @@ class Case:
     submit: Callable[[Witness, Log], object]
     refused_with: type[GatewayError] | None = None
     match: str = ""
+    #: the evidence the witness must keep (and the refusal name): only a validly signed rollback or fork
+    shows: ConflictKind | None = None
 
 
 def _sub(
@@ -129,6 +139,12 @@ def _fork_same_size(witness: Witness, log: Log) -> object:
     """The witness holds size 9; the same log key signs another tree of size 9."""
     fork = log.fork(3, "forked").grow(6)
     return witness.add_checkpoint(9, [], fork.checkpoint())
+
+
+def _fork_same_size_stale(witness: Witness, log: Log) -> object:
+    """As above, but the log says the witness holds size 4: a size conflict, and evidence all the same."""
+    fork = log.fork(3, "forked").grow(6)
+    return witness.add_checkpoint(4, fork.proof(4), fork.checkpoint())
 
 
 def _fork_bigger(witness: Witness, log: Log) -> object:
@@ -156,6 +172,21 @@ def _other_log_speaks_for_this_one(witness: Witness, log: Log) -> object:
     return witness.add_checkpoint(9, log.proof(9, 12), sign_note(body, [gmp.signer]).text())
 
 
+def _rollback_by_another_key(witness: Witness, log: Log) -> object:
+    imposter = NoteSigner(log.origin, _key("imposter"))
+    return witness.add_checkpoint(9, [], log.checkpoint(5, signer=imposter))
+
+
+def _rollback_by_another_submitter(witness: Witness, log: Log) -> object:
+    return witness.add_checkpoint(9, [], log.checkpoint(5), submitter_origin=GMP)
+
+
+def _rollback_corrupted(witness: Witness, log: Log) -> object:
+    text = log.checkpoint(5)
+    sig_start = text.rindex(b" ") + 1
+    return witness.add_checkpoint(9, [], text[:sig_start] + base64.b64encode(bytes(68)) + b"\n")
+
+
 def _unknown_origin(witness: Witness, log: Log) -> object:
     stranger = Log.make("stranger.example/log").grow(4)
     return witness.add_checkpoint(0, [], stranger.checkpoint())
@@ -175,6 +206,8 @@ def _empty_tree(witness: Witness, log: Log) -> object:
     return witness.add_checkpoint(0, [], sign_note(body, [log.signer]).text())
 
 
+ROLLBACK, FORK, BAD_PROOF = ConflictKind.ROLLBACK, ConflictKind.FORK, ConflictKind.BAD_PROOF
+
 CASES = {
     # the good path
     "first checkpoint": Case(0, _sub(0, 5, proof=lambda log: [])),
@@ -190,20 +223,33 @@ CASES = {
     "old size ahead of the witness": Case(9, _sub(10, 12), WitnessConflict, "holds size 9"),
     "old size above the checkpoint size": Case(9, _sub(12, 10, proof=lambda log: []), InvalidArgument, "above"),
     # going backwards
-    "rollback": Case(9, _sub(9, 5, proof=lambda log: []), InvalidArgument, "rollback"),
-    "rollback to the empty tree": Case(9, _sub(9, 0, proof=lambda log: []), InvalidArgument, "rollback"),
+    "rollback": Case(9, _sub(9, 5, proof=lambda log: []), InvalidArgument, "rollback", ROLLBACK),
+    "rollback to the empty tree": Case(9, _sub(9, 0, proof=lambda log: []), InvalidArgument, "rollback", ROLLBACK),
+    "rollback, presented as the log's first checkpoint": Case(
+        9, _sub(0, 5, proof=lambda log: []), WitnessConflict, "", ROLLBACK
+    ),
+    "rollback with an old size above both sizes": Case(
+        9, _sub(12, 5, proof=lambda log: []), InvalidArgument, "rollback", ROLLBACK
+    ),
     # two histories
-    "fork: same size, different root": Case(9, _fork_same_size, WitnessEquivocation, "EQUIVOCATION"),
-    "fork: larger tree of another history": Case(9, _fork_bigger, ProofError, "different history"),
+    "fork: same size, different root": Case(9, _fork_same_size, WitnessEquivocation, "EQUIVOCATION", FORK),
+    "fork: same size, different root, stale old size": Case(9, _fork_same_size_stale, WitnessConflict, "", FORK),
+    "fork: larger tree of another history": Case(9, _fork_bigger, ProofError, "different history", BAD_PROOF),
     # bad proofs
-    "proof with a flipped bit": Case(9, _sub(9, 12, proof=lambda log: _flip_first_bit(log.proof(9, 12))), ProofError),
-    "proof missing its last hash": Case(9, _sub(9, 12, proof=lambda log: log.proof(9, 12)[:-1]), ProofError),
-    "proof with a trailing hash": Case(9, _sub(9, 12, proof=lambda log: [*log.proof(9, 12), EMPTY_ROOT]), ProofError),
-    "proof for other sizes": Case(9, _sub(9, 12, proof=lambda log: log.proof(8, 12)), ProofError),
-    "empty proof": Case(9, _sub(9, 12, proof=lambda log: []), ProofError),
+    "proof with a flipped bit": Case(
+        9, _sub(9, 12, proof=lambda log: _flip_first_bit(log.proof(9, 12))), ProofError, "", BAD_PROOF
+    ),
+    "proof missing its last hash": Case(
+        9, _sub(9, 12, proof=lambda log: log.proof(9, 12)[:-1]), ProofError, "", BAD_PROOF
+    ),
+    "proof with a trailing hash": Case(
+        9, _sub(9, 12, proof=lambda log: [*log.proof(9, 12), EMPTY_ROOT]), ProofError, "", BAD_PROOF
+    ),
+    "proof for other sizes": Case(9, _sub(9, 12, proof=lambda log: log.proof(8, 12)), ProofError, "", BAD_PROOF),
+    "empty proof": Case(9, _sub(9, 12, proof=lambda log: []), ProofError, "", BAD_PROOF),
     "proof from size 0": Case(0, _sub(0, 5, proof=lambda log: log.proof(1, 5)), ProofError, "size 0"),
     "proof for the same size": Case(9, _sub(9, 9, proof=lambda log: [EMPTY_ROOT]), ProofError, "must be empty"),
-    "proof hash of the wrong length": Case(9, _sub(9, 12, proof=lambda log: [b"\x00" * 31]), ProofError),
+    "proof hash of the wrong length": Case(9, _sub(9, 12, proof=lambda log: [b"\x00" * 31]), ProofError, "", BAD_PROOF),
     "too many proof lines": Case(
         9, _sub(9, 12, proof=lambda log: [EMPTY_ROOT] * (MAX_PROOF_LINES + 1)), InvalidArgument, "more than 63"
     ),
@@ -214,6 +260,9 @@ CASES = {
     "another known log signs for this origin": Case(9, _other_log_speaks_for_this_one, Unauthenticated),
     "unknown origin": Case(9, _unknown_origin, NotFound),
     "wrong submitter": Case(9, _wrong_submitter, PermissionDenied),
+    "rollback signed by another key": Case(9, _rollback_by_another_key, Unauthenticated),
+    "rollback submitted by another force": Case(9, _rollback_by_another_submitter, PermissionDenied),
+    "rollback with a corrupted signature": Case(9, _rollback_corrupted, Unauthenticated),
     # malformed input
     "not a note": Case(9, lambda w, log: w.add_checkpoint(9, [], b"hello\n"), NoteError),
     "not a checkpoint": Case(
@@ -251,6 +300,9 @@ def test_submission(case: Case, state: WitnessState) -> None:
         case.submit(witness, log)
     assert type(excinfo.value) is case.refused_with, excinfo.value
     assert state.latest(WMP) == before, "a refused submission must not change what the witness holds"
+    # Only a validly signed rollback or fork is evidence; it is kept, and the refusal names it.
+    assert conflict_kind(excinfo.value) is case.shows
+    assert [e.kind for e in state.conflicts()] == ([case.shows] if case.shows else [])
 
 
 def test_good_chain_cosigns_each_checkpoint_and_stores_it(state: WitnessState) -> None:
@@ -307,6 +359,189 @@ def test_split_view_is_caught_once_the_witnesses_compare(tmp_path: Path) -> None
         first.add_checkpoint(6, [], history_b.checkpoint())
     with pytest.raises(WitnessEquivocation):
         second.add_checkpoint(6, [], history_a.checkpoint())
+
+
+# -- evidence of rollbacks and forks --------------------------------------------------------------
+
+
+def _caught(
+    witness: Witness, old: int, proof: list[bytes], note: bytes, **kwargs: object
+) -> tuple[GatewayError, list[ConflictEvidence]]:
+    """Submit one refused checkpoint; the refusal and what `on_conflict` was told."""
+    told: list[ConflictEvidence] = []
+    with pytest.raises(GatewayError) as excinfo:
+        witness.add_checkpoint(old, proof, note, on_conflict=told.append, **kwargs)  # type: ignore[arg-type]  # kwargs are the submitter ones
+    return excinfo.value, told
+
+
+def test_a_rollback_is_kept_logged_and_answered_as_the_protocol_says(
+    state: WitnessState, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log had 12 cosigned, truncated itself to 5 and presents its new checkpoint as its first."""
+    clock = FakeClock(NOW)
+    log = Log.make(WMP).grow(12)
+    witness = _make_witness(state, log, clock=clock)
+    _submit(witness, log, 0)
+    cosigned = log.checkpoint()
+    truncated = Log(log.origin, log.signer, "honest", MerkleTree(log.tree.leaf(i) for i in range(5)))
+    clock.advance(60)
+
+    error, told = _caught(
+        witness, 0, [], truncated.checkpoint(), submitter_origin=WMP, submitter="spiffe://wmp.police.example/gateway"
+    )
+    assert type(error) is WitnessConflict and error.known_size == 12  # tlog-witness: 409 with the size held
+    assert conflict_kind(error) is ConflictKind.ROLLBACK
+    [evidence] = state.conflicts()
+    assert told == [evidence]
+    assert evidence.kind is ConflictKind.ROLLBACK and evidence.origin == WMP
+    assert evidence.presented_note == truncated.checkpoint() and evidence.presented_size == 5
+    assert evidence.held_note == cosigned and (evidence.held_size, evidence.held_root) == (12, log.tree.root())
+    assert evidence.submitter == "spiffe://wmp.police.example/gateway" and evidence.at == clock.now()
+    verify_note(parse_note(evidence.presented_note), log.signer.verifier())  # evidence anyone can check
+    [line] = [r for r in caplog.records if r.name == "gateway.audit.witness"]
+    assert line.levelname == "ERROR" and WMP in line.getMessage() and "ROLLBACK" in line.getMessage()
+    assert line.origin == WMP  # type: ignore[attr-defined]  # the structured field, from `extra`
+    assert witness.conflict_summary()[WMP]["rollback"]["submissions"] == 1
+    assert state.latest(WMP) == (12, log.tree.root(), cosigned)
+
+
+def test_a_fork_of_the_cosigned_size_is_kept(state: WitnessState) -> None:
+    log = Log.make(WMP).grow(9)
+    witness = _make_witness(state, log)
+    _submit(witness, log, 0)
+    fork = log.fork(3, "forked").grow(6)
+
+    error, told = _caught(witness, 9, [], fork.checkpoint())
+    assert type(error) is WitnessEquivocation and error.public == CONFLICT_PUBLIC[ConflictKind.FORK]
+    [evidence] = state.conflicts()
+    assert told == [evidence] and evidence.kind is ConflictKind.FORK
+    assert (evidence.presented_size, evidence.presented_root) == (9, fork.tree.root())
+    assert (evidence.held_size, evidence.held_root, evidence.held_note) == (9, log.tree.root(), log.checkpoint())
+
+
+def test_a_consistency_proof_that_fails_from_the_cosigned_checkpoint_is_kept(state: WitnessState) -> None:
+    log = Log.make(WMP).grow(9)
+    witness = _make_witness(state, log)
+    _submit(witness, log, 0)
+    fork = log.fork(3, "forked").grow(12)  # 15 leaves that disagree with the cosigned 9 from leaf 3
+
+    error, told = _caught(witness, 9, fork.proof(9), fork.checkpoint())
+    assert type(error) is ProofError and conflict_kind(error) is ConflictKind.BAD_PROOF
+    [evidence] = state.conflicts()
+    assert told == [evidence] and evidence.kind is ConflictKind.BAD_PROOF
+    assert evidence.proof == tuple(fork.proof(9)) and evidence.old_size == 9
+    assert evidence.presented_note == fork.checkpoint() and evidence.held_note == log.checkpoint()
+
+
+def test_evidence_is_kept_once_and_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "witness.sqlite"
+    log = Log.make(WMP).grow(12)
+    rolled_back = log.checkpoint(4)
+    clock = FakeClock(NOW)
+    with SqliteWitnessState(path) as state:
+        witness = _make_witness(state, log, clock=clock)
+        _submit(witness, log, 0)
+        for _ in range(3):  # the rolled-back log retries at every checkpoint interval
+            clock.advance(30)
+            _caught(witness, 0, [], rolled_back)
+        assert witness.conflict_summary()[WMP]["rollback"]["submissions"] == 3
+    with SqliteWitnessState(path) as state:
+        [evidence] = state.conflicts()
+        assert evidence.presented_note == rolled_back and evidence.held_note == log.checkpoint()
+        assert (evidence.seen, evidence.at, evidence.last_at) == (3, NOW + 30, NOW + 90)
+        reopened = _make_witness(state, log, clock=clock)
+        summary = reopened.conflict_summary()[WMP]["rollback"]
+        assert (summary["submissions"], summary["kept"], summary["last_at"]) == (3, 1, NOW + 90)
+        assert reopened.conflicts() == [evidence]
+    assert read_conflicts(path) == [evidence]
+
+
+def test_evidence_is_bounded_per_origin_and_kind(state: WitnessState) -> None:
+    log = Log.make(WMP).grow(12)
+    witness = Witness(
+        CosignatureSigner("met.police.example/witness", _key("met witness")),
+        {WMP: log.signer.verifier()},
+        state,
+        FakeClock(NOW),
+        max_evidence=2,
+    )
+    _submit(witness, log, 0)
+    for size in (1, 2, 3, 4, 5):
+        _caught(witness, 0, [], log.checkpoint(size))
+    assert [e.presented_size for e in state.conflicts()] == [1, 2]
+    fork = log.fork(3, "forked").grow(9)
+    _caught(witness, 12, [], fork.checkpoint())  # another kind has its own room
+    assert [e.kind for e in state.conflicts()] == [ConflictKind.ROLLBACK] * 2 + [ConflictKind.FORK]
+    summary = witness.conflict_summary()[WMP]
+    assert summary["rollback"]["submissions"] == 5 and summary["rollback"]["not_kept"] == 3
+    assert summary["fork"]["kept"] == 1
+
+
+def test_unsigned_garbage_keeps_nothing(state: WitnessState) -> None:
+    """Rollback-shaped input without the log's valid signature, or from another force, is only refused."""
+    log = Log.make(WMP).grow(12)
+    gmp = Log.make(GMP).grow(3)
+    witness = _make_witness(state, log, gmp)
+    _submit(witness, log, 0)
+    body = Checkpoint(WMP, 4, log.tree.root(4)).body()
+    submissions = [
+        body,  # no signature at all
+        sign_note(body, [NoteSigner(WMP, _key("imposter"))]).text(),
+        sign_note(body, [gmp.signer]).text(),
+        log.checkpoint(4)[:-20] + b"A" * 19 + b"\n",
+        b"\xff" * 64,
+    ]
+    for note in submissions:
+        with pytest.raises((GatewayError, NoteError)):
+            witness.add_checkpoint(12, [], note)
+    _caught(witness, 0, [], log.checkpoint(4), submitter_origin=GMP)
+    assert state.conflicts() == []
+    assert witness.conflict_summary() == {}
+
+
+def test_an_honest_log_that_is_behind_is_not_reported(state: WitnessState) -> None:
+    """A log behind in what it knows of the witness (a lost cosignature, a restart) presents no less than
+    it had: size conflicts, then cosignatures, and no evidence."""
+    log = Log.make(WMP).grow(9)
+    witness = _make_witness(state, log)
+    _submit(witness, log, 0)
+    # The log crashed before it stored the cosignature of 9: it still believes the witness holds 0...
+    with pytest.raises(WitnessConflict) as excinfo:
+        witness.add_checkpoint(0, [], log.checkpoint())
+    assert excinfo.value.known_size == 9 and conflict_kind(excinfo.value) is None
+    log.grow(3)
+    for old in (0, 5):  # ...or some older size, with its newer checkpoint
+        with pytest.raises(WitnessConflict):
+            witness.add_checkpoint(old, log.proof(old) if old else [], log.checkpoint())
+    _submit(witness, log, 9)  # it catches up from the size the witness named
+    _submit(witness, log, 12)  # and the same checkpoint again is simply cosigned again
+    assert state.conflicts() == []
+    assert witness.conflict_summary() == {}
+
+
+def test_the_witness_conflicts_command_prints_the_evidence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "witness.sqlite"
+    log = Log.make(WMP).grow(12)
+    fork = log.fork(3, "forked").grow(9)
+    with SqliteWitnessState(path) as state:
+        witness = _make_witness(state, log)
+        _submit(witness, log, 0)
+        _caught(witness, 0, [], log.checkpoint(4), submitter_origin=WMP)
+        _caught(witness, 12, [], fork.checkpoint())
+        assert main(["audit", "witness-conflicts", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(e["origin"], e["kind"]) for e in shown] == [(WMP, "rollback"), (WMP, "fork")]
+    assert shown[0]["presented"]["note"].encode() == log.checkpoint(4)
+    assert shown[0]["cosigned"] == {"size": 12, "root": log.tree.root().hex(), "note": log.checkpoint().decode()}
+    assert shown[0]["submitter"] == WMP and shown[1]["submitter"] == "local"
+    assert main(["audit", "witness-conflicts", str(path), "--kind", "fork"]) == 0
+    assert [e["kind"] for e in json.loads(capsys.readouterr().out)] == ["fork"]
+    assert main(["audit", "witness-conflicts", str(path), "--origin", GMP]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    not_a_witness = tmp_path / "other.sqlite"
+    sqlite3.connect(not_a_witness).close()
+    assert main(["audit", "witness-conflicts", str(not_a_witness)]) == 2
+    assert "not a witness database" in capsys.readouterr().err
 
 
 # -- durable state --------------------------------------------------------------------------------
@@ -408,6 +643,12 @@ class _BothReadFirst:
     def store(self, origin: str, size: int, root_hash: bytes, note: bytes, *, expected_size: int | None = None) -> None:
         self._inner.store(origin, size, root_hash, note, expected_size=expected_size)
 
+    def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
+        return self._inner.keep_conflict(evidence, limit=limit)
+
+    def conflicts(self) -> list[ConflictEvidence]:
+        return self._inner.conflicts()
+
 
 def test_concurrent_submissions_of_two_histories_cannot_both_win(tmp_path: Path) -> None:
     """tlog-witness's race: two gateways' witnesses share one state file (two processes, so no shared
@@ -493,6 +734,12 @@ class _ConcurrencyProbe:
 
     def store(self, origin: str, size: int, root_hash: bytes, note: bytes, *, expected_size: int | None = None) -> None:
         self._inner.store(origin, size, root_hash, note, expected_size=expected_size)
+
+    def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
+        return self._inner.keep_conflict(evidence, limit=limit)
+
+    def conflicts(self) -> list[ConflictEvidence]:
+        return self._inner.conflicts()
 
 
 def test_the_witness_lock_serialises_reads_per_origin() -> None:
