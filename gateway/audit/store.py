@@ -782,7 +782,9 @@ class AuditLog:
         return report
 
     def _take_lock(self) -> bool:
-        path = lock_path(self.config.db)
+        # Beside the file the configured name resolves to, so that a reader who gives that file's own
+        # name (not the symbolic link a gateway may be configured with) finds the log live (`live_path`).
+        path = lock_path(Path(os.path.realpath(self.config.db)))
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:

@@ -912,15 +912,15 @@ def test_a_live_log_is_live_under_any_name_that_leads_to_it(
     assert not list(view.parent.glob("*.lock")) or view.parent.samefile(db.parent)  # no lock file made
 
 
-def test_a_gateway_that_opened_its_log_through_a_link_is_found_through_that_link(db: Path) -> None:
-    # Its lock is beside the link, not beside the file: the name it was given is the one to look beside.
+def test_a_gateway_that_opened_its_log_through_a_link_is_found_through_the_link_and_the_file(db: Path) -> None:
+    # Its lock is beside the file the link leads to, so readers find it live by either name.
     link = db.parent / "configured.db"
     link.symlink_to(db)
     log = new_log(link)
     log.open()
     try:
-        assert lock_path(link).exists() and not lock_path(db).exists()
-        assert live_path(link) == link
+        assert lock_path(db).exists() and not lock_path(link).exists()
+        assert live_path(link) == db and live_path(db) == db
     finally:
         log.close_blocking()
 

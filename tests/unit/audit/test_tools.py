@@ -1379,6 +1379,20 @@ def test_a_live_log_read_by_another_name_is_still_recorded(
     assert not (view.parent / "view.db.lock").exists()
 
 
+def test_a_gateway_configured_with_a_link_to_its_log_is_live_under_the_file_s_own_name(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = db.parent / "configured.db"
+    link.symlink_to(db)
+    gateway = new_log(link, checkpoint_every=1000)
+    gateway.open()
+    try:
+        code, _, err = _run(capsys, "query", str(db))
+        assert code == 2 and "live log" in err and "--auditor" in err
+    finally:
+        gateway.close_blocking()
+
+
 def test_a_live_log_access_must_name_a_lawful_purpose(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gateway = new_log(db)
     gateway.open()
