@@ -47,7 +47,8 @@ Startup (`AuditLog.open`) and what "torn" means here
     Repair needs the log to itself (see the lock file below); otherwise the start is refused.
 
 The lock file
-    While a process has the log open it holds a shared ``flock`` on ``<db>.lock``. `is_live` tries
+    While a process has the log open it holds a shared ``flock`` on ``<db>.lock``, beside the file
+    its configured name resolves to (through symbolic links). `is_live` tries
     an exclusive lock without waiting: the auditors' tools use it to tell a gateway's live log
     (access must be recorded) from an offline copy (opened read-only, never changed). It looks
     beside every name the reader's path leads through (symbolic links, ``..``) and beside the
