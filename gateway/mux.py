@@ -55,7 +55,7 @@ from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.clock import Clock
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, ResourceExhausted, Unavailable
 from gateway.muxstream import ITEM_BYTES, HostStream, LinkStreamCall, StreamAborted
-from gateway.relaylink import LinkTarget, TlsLink
+from gateway.relaylink import HANDSHAKE_SECONDS, LinkTarget, TlsLink
 from gateway.tls import ChannelPool
 
 __all__ = ["MUX_METHOD", "BatchHold", "MuxClient", "MuxHost", "MuxUnsupported"]
@@ -98,6 +98,15 @@ _ENDED_REMEMBERED = 4096
 
 #: Seconds an origin waits for a host to accept a new `Relay/Mux` stream before writing to it regardless.
 _ACCEPT_WAIT = 1.0
+
+#: Seconds an origin gives a new channel to connect and its host to say what it takes (its first message).
+_GREETING_SECONDS = 2 * HANDSHAKE_SECONDS
+
+#: Bytes of answers a host holds for an origin that does not read them, past which it reads no more requests.
+_MAX_UNSENT_BYTES = 8 << 20
+
+#: Seconds a host waits for one message to be taken by the origin before it ends the channel.
+_WRITE_STALL_SECONDS = 30.0
 
 
 class MuxUnsupported(Unavailable):
@@ -375,10 +384,25 @@ class _ClientStream:
             async with asyncio.timeout(hold.delay):
                 await self._full.wait()
 
+    async def _next_batch(self, greet_by: float) -> bytes | None:
+        """The host's next message; `Unavailable` if its first has not come by `greet_by` (loop time)."""
+        if self.peer_max is not None:
+            return await self.pipe.read()
+        # No call goes before the host's first message: a host that never sends it must not hold them
+        # (nor a breaker's probe) for longer than a connect and a handshake.
+        try:
+            async with asyncio.timeout_at(greet_by):
+                return await self.pipe.read()
+        except TimeoutError:
+            raise Unavailable(
+                f"relay channel to {self.host}: the host said nothing for {_GREETING_SECONDS:g} s"
+            ) from None
+
     async def _read_loop(self) -> None:
+        greet_by = asyncio.get_running_loop().time() + _GREETING_SECONDS
         try:
             while True:
-                raw = await self.pipe.read()
+                raw = await self._next_batch(greet_by)
                 if raw is None:
                     self._close(Unavailable(f"relay channel to {self.host} closed by the host"))
                     return
@@ -665,8 +689,14 @@ class MuxHost:
     `handle` runs one request through the gateway (it records and seals, and
     answers refusals itself). `refuse` builds the answer for a request that
     is refused before it runs (a duplicate id, too many in flight). At most
-    `max_in_flight` requests of this stream run at once. When `draining` is
-    set the stream takes no new batches, lets its calls finish, and ends.
+    `max_in_flight` requests and streams of this channel run or wait for their
+    answers to be written at once. When `draining` is set the stream takes no
+    new batches, lets its calls finish, and ends.
+
+    Backpressure: while the origin leaves answers unread (`max_in_flight` of
+    them, or `_MAX_UNSENT_BYTES`), the host reads no more batches, so an origin
+    that stops reading holds at most that much at the host; a message it takes
+    nothing of for `_WRITE_STALL_SECONDS` ends the channel (`Unavailable`).
     """
 
     def __init__(
@@ -700,6 +730,13 @@ class MuxHost:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._refusing: set[asyncio.Task[None]] = set()
         self._answers: list[relay_pb2.MuxResponse] = []
+        #: bytes of `_answers` (and of the batch being written)
+        self._unsent = 0
+        #: set whenever answers were written (or the writer is gone): a reader waiting for room looks again
+        self._room = asyncio.Event()
+        #: set once the writer is gone; `_failed` says why, when that must end the channel
+        self._writer_gone = asyncio.Event()
+        self._failed: Unavailable | None = None
         self._wake = asyncio.Event()
         self._finishing = False
         self._max_frame = max_frame
@@ -731,9 +768,27 @@ class MuxHost:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
-    async def _next_batch(self) -> bytes | None:
+    def _full(self) -> bool:
+        """Whether the origin has left as many answers unread as this channel holds for it."""
+        return len(self._answers) + len(self._refusing) >= self._max or self._unsent >= _MAX_UNSENT_BYTES
+
+    async def _wait_for_room(self) -> None:
+        """Read no more until the origin has taken enough answers (a writer that is gone ends the wait)."""
+        while self._full() and not self._writer_gone.is_set():
+            self._room.clear()
+            await self._room.wait()
+
+    async def _next_batch(self, writer_gone: asyncio.Future[Any]) -> bytes | None:
+        if self._full():
+            await self._wait_for_room()
         read = asyncio.ensure_future(self._read())
         while True:
+            if writer_gone.done():
+                # Nothing more can be answered: read no more (the calls running finish as the channel ends).
+                read.cancel()
+                if self._failed is not None:
+                    raise self._failed
+                return None
             if self._draining.is_set() and not self._streams:
                 # Draining: a batch that arrives now is not started (its calls fail at the origin when the
                 # stream ends, as on any broken relay), so that nothing new begins while the gateway stops.
@@ -745,7 +800,7 @@ class MuxHost:
             other = self._streams_idle if self._draining.is_set() else self._draining
             wait = asyncio.ensure_future(other.wait())
             try:
-                await asyncio.wait((read, wait), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((read, wait, writer_gone), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 wait.cancel()
             if read.done():
@@ -766,37 +821,44 @@ class MuxHost:
             stream.stop(error)
 
     async def _read_batches(self) -> None:
-        while True:
-            raw = await self._next_batch()
-            if raw is None:
-                return
-            try:
-                batch = relay_pb2.MuxBatch.FromString(raw)
-            except DecodeError as exc:
-                raise InvalidArgument(f"relay channel batch does not parse: {exc}") from exc
-            if max(len(batch.requests), len(batch.cancels), len(batch.streams)) > _MAX_BATCH_ITEMS:
-                raise InvalidArgument(f"relay channel batch of more than {_MAX_BATCH_ITEMS} items")
-            if batch.max_frame:
-                if batch.max_frame < _MIN_FRAME:
-                    raise InvalidArgument(f"relay channel origin takes {batch.max_frame} bytes a message")
-                self.peer_max = batch.max_frame
-            for item in batch.streams:
-                self._stream_item(item)
-            for call_id in batch.cancels:
-                task = self._running.get(call_id)
-                if task is not None:
-                    task.cancel()
-            if self._draining.is_set():
-                continue  # not started: see _next_batch
-            for request in batch.requests:
-                self._start(request)
+        writer_gone = asyncio.ensure_future(self._writer_gone.wait())
+        try:
+            while True:
+                raw = await self._next_batch(writer_gone)
+                if raw is None:
+                    return
+                self._take_batch(raw)
+        finally:
+            writer_gone.cancel()
+
+    def _take_batch(self, raw: bytes) -> None:
+        try:
+            batch = relay_pb2.MuxBatch.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(f"relay channel batch does not parse: {exc}") from exc
+        if max(len(batch.requests), len(batch.cancels), len(batch.streams)) > _MAX_BATCH_ITEMS:
+            raise InvalidArgument(f"relay channel batch of more than {_MAX_BATCH_ITEMS} items")
+        if batch.max_frame:
+            if batch.max_frame < _MIN_FRAME:
+                raise InvalidArgument(f"relay channel origin takes {batch.max_frame} bytes a message")
+            self.peer_max = batch.max_frame
+        for item in batch.streams:
+            self._stream_item(item)
+        for call_id in batch.cancels:
+            task = self._running.get(call_id)
+            if task is not None:
+                task.cancel()
+        if self._draining.is_set():
+            return  # not started: see _next_batch
+        for request in batch.requests:
+            self._start(request)
 
     def _start(self, request: relay_pb2.MuxRequest) -> None:
         call_id = request.id
         problem: InvalidArgument | Unavailable | None = None
         if call_id in self._running:
             problem = InvalidArgument(f"relay channel request id {call_id} is already in flight")
-        elif len(self._running) + len(self._streams) >= self._max:
+        elif self._in_flight() >= self._max:
             problem = Unavailable(f"relay channel has {self._max} calls in flight already")
         if problem is not None:
             # Not tracked under its id (that may be another call's); answered after its refusal is recorded.
@@ -808,6 +870,10 @@ class MuxHost:
         task = asyncio.get_running_loop().create_task(self._answer(self._handle(request)))
         self._running[call_id] = task
         task.add_done_callback(partial(self._finished, call_id))
+
+    def _in_flight(self) -> int:
+        """Calls and streams running, and answers not yet written: what the cap on calls in flight counts."""
+        return len(self._running) + len(self._streams) + len(self._answers)
 
     def _finished(self, call_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(call_id, None)
@@ -829,7 +895,7 @@ class MuxHost:
         if self._handle_stream is None:
             raise InvalidArgument("this relay channel carries no streaming calls")
         problem: GatewayError | None = None
-        if len(self._running) + len(self._streams) >= self._max:
+        if self._in_flight() >= self._max:
             problem = Unavailable(f"relay channel has {self._max} calls in flight already")
         stream = HostStream(item.id, certificate=self._certificate, send=self._send_stream, limit=self._origin_max)
         stream.received(item)
@@ -888,11 +954,12 @@ class MuxHost:
         send_now = self._send_now if len(self._running) <= 1 and not self._answers and self._greeted else None
         if send_now is None or not send_now(relay_pb2.MuxBatch(responses=[ready])):
             self._answers.append(ready)
+            self._unsent += ready.ByteSize()
             self._wake.set()
 
     async def _write_loop(self) -> None:
         try:
-            await self._write(relay_pb2.MuxBatch(max_frame=self._max_frame))
+            await self._write_within(relay_pb2.MuxBatch(max_frame=self._max_frame))
             self._greeted = True
             while True:
                 await self._wake.wait()
@@ -906,14 +973,32 @@ class MuxHost:
                 while self._answers or self._stream_out:
                     batch = relay_pb2.MuxBatch()
                     size = _take_stream_items(self._stream_out, batch, budget)
-                    batch.responses.extend(_take_items(self._answers, budget - size, alone=not batch.streams))
-                    await self._write(batch)
+                    answers = _take_items(self._answers, budget - size, alone=not batch.streams)
+                    batch.responses.extend(answers)
+                    await self._write_within(batch)
+                    self._unsent -= sum(answer.ByteSize() for answer in answers)
+                    self._room.set()
                 if self._finishing:
                     return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001  # the origin went away: its calls end with the stream
             log.info("relay channel closed while answering: %r", exc)
+        finally:
+            self._writer_gone.set()
+            self._room.set()
+
+    async def _write_within(self, batch: relay_pb2.MuxBatch) -> None:
+        """Write one message; `Unavailable` (the channel ends) if the origin takes none of it for a while."""
+        try:
+            async with asyncio.timeout(_WRITE_STALL_SECONDS):
+                await self._write(batch)
+        except TimeoutError:
+            self._failed = Unavailable(
+                f"the relay channel's origin took no message for {_WRITE_STALL_SECONDS:g} s"
+                f" ({len(self._answers)} answers waiting)"
+            )
+            raise self._failed from None
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -7,11 +7,19 @@ keep either side from being flooded. On a relay link (`gateway.relaylink`)
 the same frames travel as `MuxStream` items of the channel's batches, each
 tagged with the stream's id, and this module supplies what HTTP/2 did:
 
-- **Flow control.** Each side may send a stream's frames up to a window of
-  `WINDOW` bytes; the receiver grants bytes back (`credit`) as its reader
-  takes frames. A sender that exceeds the window ends the channel
-  (`InvalidArgument`), so one stream can never make the other side buffer
-  more than its window.
+- **Flow control.** Each side may send a stream's frames while it has
+  credit: a window of `WINDOW` bytes to start, and what the receiver grants
+  back (`credit`) as its reader takes frames. A sender checks before each
+  frame, so the last frame may overshoot. The receiver counts the same
+  credit (what it granted, not what is unread): a frame that arrives when
+  the sender had none left ends the channel (`InvalidArgument`), so one
+  stream can make the other side buffer at most `WINDOW` bytes plus one
+  frame (itself within the one message that side takes).
+- **Deadline.** The host waits for credit no longer than the call's
+  deadline (`gateway.relay.RelayHostDownstream`): an origin that grants
+  none ends its stream DEADLINE_EXCEEDED, recorded as any deadline; the
+  seal goes if there is credit for it, else the stream ends with an
+  unsealed DEADLINE_EXCEEDED.
 - **Size.** A frame that would make a channel message larger than the other
   side takes (`MuxBatch.max_frame`) is not sent: the host's handler gets
   `ResourceExhausted` (recorded, the stream refused), the origin's call ends
@@ -51,9 +59,6 @@ ITEM_BYTES = 64
 
 #: Bytes of frames either side may send on one stream before the other grants more.
 WINDOW = 1 << 20
-
-#: A sender may overshoot its window by one frame (it checks before sending, not after).
-_SLACK = 8 << 20
 
 _NAMES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -103,11 +108,19 @@ class _Inbox:
         self._taken = 0
         #: bytes of frames received and not read yet
         self.buffered = 0
+        #: the credit the other side has left, as this side granted it (its `_Credit.allowed`, or more)
+        self.allowed = WINDOW
 
     def put_frame(self, stream_id: int, frame: bytes) -> None:
-        """Queue a frame from the other side; `InvalidArgument` if it sent past its window (and slack)."""
-        if self.buffered + len(frame) > WINDOW + _SLACK:
+        """Queue a frame from the other side; `InvalidArgument` if it had no credit left to send it.
+
+        The sender checks its credit before a frame, as `_Credit.take` does, and its credit is never
+        more than what this side granted: so what this side buffers stays under the credit it granted
+        plus that one frame.
+        """
+        if self.allowed <= 0:
             raise InvalidArgument(f"relay stream {stream_id} was sent past its flow-control window")
+        self.allowed -= len(frame)
         self.put(frame)
 
     def put(self, item: _Item) -> None:
@@ -125,6 +138,7 @@ class _Inbox:
             self.buffered -= len(item)
             self._taken += len(item)
             if self._taken >= WINDOW // 4:
+                self.allowed += self._taken
                 self._grant(self._taken)
                 self._taken = 0
         return item
@@ -160,6 +174,8 @@ class HostStream:
         self.ended = False
         #: set once the channel is gone (`stop`)
         self.stopped = False
+        #: set once a wait for credit was given up (the call's deadline): the next frame without credit ends it
+        self._starved = False
 
     def received(self, item: relay_pb2.MuxStream) -> None:
         """Take one item from the origin; `InvalidArgument` if it overran its window."""
@@ -198,7 +214,18 @@ class HostStream:
                 f"relay stream frame of {len(data)} bytes is over the {limit} bytes the origin gateway takes"
                 " in one message"
             )
-        await self._credit.take(len(data))
+        if self._starved and self._credit.allowed <= 0:
+            # The origin granted nothing within the call's deadline (its record and seal are made): waiting
+            # again, for the seal, would hold the stream open for ever. It ends unsealed instead.
+            self.ended = True
+            refusal = relay_pb2.MuxRefusal(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="Deadline Exceeded")
+            self._send(relay_pb2.MuxStream(id=self.id, refusal=refusal))
+            raise StreamAborted(f"relay stream {self.id}: the origin granted no credit within the call's deadline")
+        try:
+            await self._credit.take(len(data))
+        except asyncio.CancelledError:
+            self._starved = True  # given up waiting (`gateway.relay.RelayHostDownstream` bounds it by the deadline)
+            raise
         self._send(relay_pb2.MuxStream(id=self.id, frame=data))
 
     async def abort(
@@ -284,7 +311,14 @@ class LinkStreamCall:
         if self._over:
             return  # the host has ended the stream: its outcome waits in the inbox
         data = frame.SerializeToString()
-        limit = None if self._limit is None else await self._limit()
+        try:
+            # The host says what it takes in its first message: no longer than the call's deadline
+            # (`gateway.mux` closes a channel whose host says nothing for long).
+            limit = None if self._limit is None else await self._by_deadline(self._limit())
+        except TimeoutError:
+            self._inbox.put(_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self.cancel()  # read() gives the status
+            return
         if limit is not None and len(data) + ITEM_BYTES > limit:
             log.warning(
                 "relay stream %d to %s: a frame of %d bytes is over the %d bytes its gateway takes in one message",
@@ -295,6 +329,13 @@ class LinkStreamCall:
             return
         await self._credit.take(len(data))
         self._send(relay_pb2.MuxStream(id=self.id, frame=data))
+
+    async def _by_deadline(self, wait: Awaitable[int | None]) -> int | None:
+        """What `wait` gives, or `TimeoutError` at the deadline."""
+        if self._deadline is None:
+            return await wait
+        async with asyncio.timeout_at(self._deadline):
+            return await wait
 
     async def done_writing(self) -> None:
         """The request side is done."""

@@ -17,6 +17,7 @@ headers, the messages (numbered), and the response seal.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -608,10 +609,14 @@ class RelayHostDownstream:
         context: grpc.aio.ServicerContext[relay_pb2.RelayFrame, relay_pb2.RelayFrame],
         call: Call,
         verifier: EnvelopeVerifier,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self._context = context
         self._call = call
         self._verifier = verifier
+        #: the clock of `call.deadline_mono`: with it, every write waits no longer than the call's deadline
+        self._clock = clock
         self._received = MessageDigest()
         self._sent = MessageDigest()
         self._done = False
@@ -678,17 +683,32 @@ class RelayHostDownstream:
         self._headers_sent = md
         if not wire:
             return  # the origin takes no Headers frame as empty headers, and checks that against the seal
-        await self._context.write(
+        await self._send(
             relay_pb2.RelayFrame(
                 headers=relay_pb2.Headers(metadata=[relay_pb2.MetadataEntry(key=k, value=v) for k, v in wire])
             )
         )
 
     async def write(self, data: bytes) -> None:
-        """Send one response message, numbered."""
+        """Send one response message, numbered (`DeadlineExceeded` if the origin takes none before the deadline)."""
         seq = self._sent.update(data)
         self._call.response_messages = self._sent.count
-        await self._context.write(_message_frame(seq, data))
+        await self._send(_message_frame(seq, data))
+
+    async def _send(self, frame: relay_pb2.RelayFrame) -> None:
+        # An origin that takes nothing (grants no credit on a relay link) must not hold the call past its
+        # deadline: the pump waits here, where no backend's timeout reaches it.
+        remaining = None if self._clock is None else self._call.remaining(self._clock.monotonic())
+        if remaining is None:
+            await self._context.write(frame)
+            return
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                await self._context.write(frame)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the origin gateway took no more of the response within the call's deadline"
+            ) from None
 
 
 def response_seal_for(

@@ -1417,7 +1417,7 @@ class Gateway:
                 await self.refuse(call, InvalidArgument("relay stream closed before its envelope"), context)
             call.relay_request = first
             await self._peer_admit(call, context)
-            downstream = RelayHostDownstream(context, call, self.envelope_verifier)
+            downstream = RelayHostDownstream(context, call, self.envelope_verifier, clock=self.clock)
             await self.record(call, "stream-open")
             opened = True
             reply = sealable(call, await self._forward_timed(self._pump(downstream, call)))

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
-from gateway.errors import GatewayError, InvalidArgument
-from gateway.mux import MuxHost
+from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.mux import _MAX_UNSENT_BYTES, MuxHost
 
 
 class FakeStream:
@@ -254,3 +254,121 @@ def test_a_refusal_still_being_recorded_when_the_origin_closes_is_answered_befor
 
     answers = asyncio.run(run()).answers()
     assert sorted(a.HasField("refusal") for a in answers) == [False, True]
+
+
+# -- an origin that stops reading its answers ---------------------------------------------------------
+
+
+class UnreadStream(FakeStream):
+    """A channel whose origin takes the host's first message (its greeting) and then nothing more."""
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        if self.written:
+            await asyncio.Event().wait()  # never taken: the write waits, as a full connection's drain does
+        self.written.append(batch)
+
+
+def _big(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+    return relay_pb2.MuxResponse(id=request.id, response=relay_pb2.UnaryRelayResponse(message=bytes(1 << 20)))
+
+
+def test_an_origin_that_reads_no_answers_holds_at_most_the_unsent_bytes_bound_and_no_more_batches_are_read() -> None:
+    async def run() -> tuple[int, int, int]:
+        stream = UnreadStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _big(request)
+
+        for call_id in range(1, 61):  # 60 MiB of answers asked for, one request a batch
+            stream.send(call_id)
+        host = _host(stream, handle, max_in_flight=1000)
+        serving = asyncio.ensure_future(host.serve())
+        await asyncio.sleep(0.3)
+        left, queued = stream.incoming.qsize(), sum(a.ByteSize() for a in host._answers)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        return left, queued, len(host._answers)
+
+    left, queued, answers = asyncio.run(run())
+    assert left > 0, "the host read every batch while none of its answers were taken"
+    # Each batch read starts one call: the reader stops once the bound is reached, one answer over at most.
+    assert queued <= _MAX_UNSENT_BYTES + (2 << 20), queued
+    assert answers < 60
+
+
+def test_answers_not_yet_written_count_against_the_in_flight_cap_and_stop_the_reader() -> None:
+    async def run() -> tuple[int, list[relay_pb2.MuxResponse]]:
+        stream = UnreadStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        for call_id in range(1, 41):
+            stream.send(call_id)
+        host = _host(stream, handle, max_in_flight=5)
+        serving = asyncio.ensure_future(host.serve())
+        await asyncio.sleep(0.2)
+        left, answers = stream.incoming.qsize(), list(host._answers)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        return left, answers
+
+    left, answers = asyncio.run(run())
+    assert left >= 40 - 10, "the host read on while it held the cap's worth of unwritten answers"
+    assert len(answers) <= 5 + 1  # the cap, and the one batch (of one request here) read as it was reached
+
+
+def test_an_origin_that_takes_nothing_for_the_stall_time_ends_the_channel_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.mux._WRITE_STALL_SECONDS", 0.2)
+
+    async def run() -> float:
+        stream = UnreadStream()
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _ok(request)
+
+        stream.send(1, 2)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable, match="took no message"):
+            await asyncio.wait_for(_host(stream, handle).serve(), 5)
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) < 2
+
+
+def test_an_origin_that_reads_slowly_gets_every_answer() -> None:
+    """The control: backpressure holds the reader back, it never drops or refuses what fits."""
+
+    async def run() -> list[relay_pb2.MuxResponse]:
+        stream = FakeStream()
+        slow_write = stream.write
+
+        async def write(batch: relay_pb2.MuxBatch) -> None:
+            await asyncio.sleep(0.002)
+            await slow_write(batch)
+
+        async def handle(request: relay_pb2.MuxRequest) -> relay_pb2.MuxResponse:
+            return _big(request)
+
+        for call_id in range(1, 31):
+            stream.send(call_id)
+        stream.incoming.put_nowait(None)
+        host = MuxHost(
+            stream.read,
+            write,
+            handle=handle,
+            refuse=_refuse,
+            max_in_flight=1000,
+            max_frame=8 << 20,
+            draining=asyncio.Event(),
+        )
+        await asyncio.wait_for(host.serve(), 10)
+        return stream.answers()
+
+    answers = asyncio.run(run())
+    assert sorted(a.id for a in answers) == list(range(1, 31))
+    assert not any(a.HasField("refusal") for a in answers)

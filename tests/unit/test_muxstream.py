@@ -24,12 +24,18 @@ import grpc
 import pytest
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
-from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.clock import FakeClock
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidArgument, Unavailable
 from gateway.mux import MuxHost, _ClientStream
-from gateway.muxstream import WINDOW, HostStream, LinkStreamCall
+from gateway.muxstream import WINDOW, HostStream, LinkStreamCall, StreamAborted
+from gateway.pipeline import Call, Listener
+from gateway.relay import RelayHostDownstream
 
-#: What a flooding sender may buffer at the receiver before the channel ends (gateway.muxstream._SLACK).
-_LIMIT = WINDOW + (8 << 20)
+#: What a flooding sender of 1 MiB frames may make the receiver buffer: the window, and the one frame it
+#: may start while it still has credit.
+_LIMIT = WINDOW + len(
+    relay_pb2.RelayFrame(message=relay_pb2.StreamMessage(seq=19, data=bytes(1 << 20))).SerializeToString()
+)
 
 EOF = grpc.aio.EOF
 
@@ -277,14 +283,97 @@ def _flooded(sizes: list[int]) -> None:
 
 
 def test_a_sender_that_overruns_the_window_ends_the_channel_with_invalid_argument() -> None:
-    # Ten frames of 1 MiB that nobody reads: past the window and the slack for one frame.
+    # Ten frames of 1 MiB that nobody reads: past the window and the one frame that may overshoot it.
     with pytest.raises(InvalidArgument, match="flow-control window"):
         _flooded([1 << 20] * 10)
 
 
-def test_a_sender_within_the_window_and_its_slack_is_not_ended() -> None:
-    # The control: an honest sender overshoots its window by at most one frame; this is well inside.
-    _flooded([WINDOW // 2] * 4)  # 2 MiB, unread: the channel closes normally
+def test_a_sender_past_the_credit_granted_is_ended_however_little_it_is_over() -> None:
+    # 1.5 MiB unread: a third frame sent when the first two had spent the window. Counting unread bytes
+    # against the window plus 8 MiB of slack let a stream make the host hold 9 MiB.
+    with pytest.raises(InvalidArgument, match="flow-control window"):
+        _flooded([WINDOW // 2] * 3)
+
+
+def test_a_sender_within_its_credit_and_one_frame_over_is_not_ended() -> None:
+    # The control: an honest sender checks its credit before each frame, so overshoots by one frame at most.
+    _flooded([WINDOW // 2] * 2)  # just over 1 MiB, unread: the channel closes normally
+
+
+def test_what_a_stream_makes_the_host_buffer_is_the_credit_it_granted_plus_one_frame() -> None:
+    async def run() -> tuple[int, int, int]:
+        sent: list[relay_pb2.MuxStream] = []
+        stream = HostStream(1, certificate=None, send=sent.append)
+        frames = [frame(seq, 200_000) for seq in range(100)]
+        size = max(map(len, frames))
+        accepted = 0
+        with pytest.raises(InvalidArgument, match="flow-control window"):
+            for data in frames:
+                stream.received(item(1, data))
+                accepted += 1
+        peak = stream._inbox.buffered
+        assert peak == sum(map(len, frames[:accepted]))
+        assert WINDOW <= peak < WINDOW + size
+        # Reading grants credit back, and the stream takes that much more (and no more).
+        for _ in range(2):
+            await stream.read()
+        granted = sum(i.credit for i in sent)
+        more = accepted
+        with pytest.raises(InvalidArgument, match="flow-control window"):
+            for data in frames[accepted:]:
+                stream.received(item(1, data))
+                more += 1
+        return granted, sum(map(len, frames[accepted:more])), size
+
+    granted, more, size = asyncio.run(run())
+    assert granted >= WINDOW // 4
+    assert granted <= more < granted + size
+
+
+def test_a_host_waiting_for_credit_ends_at_the_calls_deadline_and_the_seal_does_not_wait_again() -> None:
+    """An origin that grants no credit: the pump's write ends DEADLINE_EXCEEDED at the deadline, not never."""
+
+    async def run() -> tuple[float, list[relay_pb2.MuxStream]]:
+        sent: list[relay_pb2.MuxStream] = []
+        stream = HostStream(1, certificate=None, send=sent.append)
+        clock = FakeClock()
+        call = Call(Listener.PEER, "/psn.gateway.v1.Relay/Stream", (), None, clock.now(), clock.monotonic())
+        call.deadline_mono = clock.monotonic() + 0.2
+        downstream = RelayHostDownstream(stream, call, verifier=None, clock=clock)  # type: ignore[arg-type]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded):
+            while True:  # a window's worth goes out, then nothing is granted
+                await asyncio.wait_for(downstream.write(b"x" * (WINDOW // 4)), 5)
+        waited = asyncio.get_running_loop().time() - started
+        # The gateway then records and seals the deadline and writes the seal: with no credit, the stream
+        # ends with an unsealed DEADLINE_EXCEEDED at once rather than wait for credit again.
+        with pytest.raises(StreamAborted):
+            await asyncio.wait_for(stream.write(relay_pb2.RelayFrame(response_seal=relay_pb2.Signed())), 1)
+        return waited, sent
+
+    waited, sent = asyncio.run(run())
+    assert 0.15 < waited < 2
+    assert kinds(sent) == ["frame"] * 4 + ["refusal"]
+    assert sent[-1].refusal.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+def test_a_host_writing_within_the_deadline_is_not_cut_short() -> None:
+    async def run() -> list[relay_pb2.MuxStream]:
+        sent: list[relay_pb2.MuxStream] = []
+        stream = HostStream(1, certificate=None, send=sent.append)
+        clock = FakeClock()
+        call = Call(Listener.PEER, "/psn.gateway.v1.Relay/Stream", (), None, clock.now(), clock.monotonic())
+        call.deadline_mono = clock.monotonic() + 30
+        downstream = RelayHostDownstream(stream, call, verifier=None, clock=clock)  # type: ignore[arg-type]
+        for _ in range(6):
+            writing = asyncio.ensure_future(downstream.write(b"x" * (WINDOW // 4)))
+            await settle()
+            if not writing.done():
+                stream.received(item(1, credit=WINDOW))
+            await asyncio.wait_for(writing, 5)
+        return sent
+
+    assert kinds(asyncio.run(run())) == ["frame"] * 6
 
 
 def test_a_cancel_cancels_the_hosts_stream_and_nothing_more_is_sent_for_it() -> None:
@@ -881,3 +970,45 @@ def test_streams_whose_first_frames_go_out_in_another_order_than_they_were_opene
 
     outcomes = asyncio.run(run())
     assert outcomes == [[frame(0), EOF], [frame(0), EOF]], outcomes
+
+
+# -- a host that never says what it takes (its first message) ------------------------------------------
+
+
+def test_a_stream_to_a_host_that_never_greets_ends_deadline_exceeded_at_the_calls_deadline() -> None:
+    async def run() -> tuple[grpc.StatusCode, float]:
+        pipe = Pipe()  # the host reads, and never writes its first message
+        client = _ClientStream(pipe, "surrey", lambda _s: None, max_frame=8 << 20)  # type: ignore[arg-type]
+        call = client.open_stream(timeout=0.2)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(call.write(out_frame(0)), 5)  # the envelope, as `RelayUpstream.open` sends it
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 5)
+        waited = asyncio.get_running_loop().time() - started
+        await client.close()
+        return caught.value.code(), waited
+
+    code, waited = asyncio.run(run())
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert waited < 2
+
+
+def test_a_channel_whose_host_never_greets_closes_unavailable_after_the_greeting_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.mux._GREETING_SECONDS", 0.2)
+
+    async def run() -> tuple[grpc.StatusCode, BaseException | None]:
+        pipe = Pipe()
+        client = _ClientStream(pipe, "surrey", lambda _s: None, max_frame=8 << 20)  # type: ignore[arg-type]
+        call = client.open_stream(timeout=None)  # a call without a deadline is held to the greeting time
+        writing = asyncio.ensure_future(call.write(out_frame(0)))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 5)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # as `RelayUpstream.open`: the failure surfaces at read
+            await asyncio.wait_for(writing, 5)
+        return caught.value.code(), client.closed
+
+    code, closed = asyncio.run(run())
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert isinstance(closed, Unavailable) and "said nothing" in closed.reason
