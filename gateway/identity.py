@@ -10,6 +10,10 @@ is believed only if:
 - it is a leaf (not a CA), inside its validity period, with the key usage and
   extended key usage its use needs (a server certificate is not a client
   certificate; a TLS certificate is not a signing certificate);
+- its DNS SANs claim no other identity than its SPIFFE ID: under the network's
+  names (``<network>``) it carries at most its own (``gateway.<td>`` for the
+  gateway, ``<app>.<td>`` for an application), because TLS clients that can check
+  only the DNS name (grpcio) would take it for whoever that name belongs to;
 - it is not revoked according to that force's CRL; a CRL that is missing,
   unreadable, not signed by the CA or past nextUpdate plus a grace makes the
   force's certificates unusable (fail closed: `RevocationDataUnavailable`).
@@ -194,6 +198,17 @@ def _usages(cert: x509.Certificate) -> frozenset[Usage]:
     return frozenset(out)
 
 
+def _check_dns_names(names: Sequence[str], spiffe: SpiffeId, own: str | None, network: str) -> None:
+    """Refuse a DNS SAN under the network's names that is not the identity's own: it names another identity."""
+    for name in names:
+        low = name.lower().rstrip(".")
+        if low != own and (low == network or low.endswith(f".{network}")):
+            allowed = f"only {own}" if own else "none"
+            raise Unauthenticated(
+                f"{spiffe}: DNS name {name!r} names another identity (under {network} it may carry {allowed})"
+            )
+
+
 def _check_key(cert: x509.Certificate) -> None:
     key = cert.public_key()
     if isinstance(key, ed25519.Ed25519PublicKey):
@@ -338,6 +353,8 @@ class TrustStore:
             kind, app = "app", path[1]
         else:
             raise Unauthenticated(f"{spiffe} is not a gateway, log or application identity")
+        own = force.gateway_server_name if kind == "gateway" else f"{app}.{force.trust_domain}" if app else None
+        _check_dns_names(sans.get_values_for_type(x509.DNSName), spiffe, own, self.directory.network)
         identity = PeerIdentity(
             spiffe_id=str(spiffe),
             force=force.name,

@@ -73,6 +73,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "DEFAULT_DAYS",
     "KEY_TYPES",
+    "RESERVED_APP_NAMES",
     "REVOCATION_REASONS",
     "CertKind",
     "ForceMaterial",
@@ -204,6 +205,10 @@ _SIGNATURE_NAMES: Mapping[x509.ObjectIdentifier, str] = MappingProxyType(
         SignatureAlgorithmOID.RSA_WITH_SHA256: "sha256WithRSAEncryption",
     }
 )
+
+#: Application names the profiles give to other identities: ``gateway`` (``spiffe://<td>/gateway``, DNS
+#: ``gateway.<td>``) and ``log`` (``spiffe://<td>/log``). An application so named would carry their names.
+RESERVED_APP_NAMES = frozenset({"gateway", "log"})
 
 _LOOPBACK = ("127.0.0.1", "::1")
 _NETWORK_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
@@ -363,6 +368,14 @@ def leaf_profile(
     Names are normalised (DNS names to lower case, IP addresses to their
     canonical text) and de-duplicated in order; loopback IPs come first on server
     certificates.
+
+    A DNS name under the network (``<network>``, the trust domain without its force
+    label) names an identity: ``gateway.<td>`` the gateway, ``<app>.<td>`` an
+    application. Clients check only the CA and that name (grpcio cannot check the
+    URI SAN), so a certificate carrying another identity's name would be accepted
+    as it. A server certificate therefore carries exactly one name under the
+    network, its own, and extra ``--dns`` names only outside it; application names
+    in `RESERVED_APP_NAMES` are refused.
     """
     kind = CertKind(kind)
     if kind is CertKind.CA:
@@ -372,12 +385,20 @@ def leaf_profile(
     if takes_app:
         if not app or not _NAME_RE.fullmatch(app):
             raise ValueError(f"a {kind} certificate needs --app NAME (lower-case letters, digits, '-'), got {app!r}")
+        if app in RESERVED_APP_NAMES:
+            raise ValueError(
+                f"--app {app}: the name is reserved (spiffe://{trust_domain}/{app} is not an application); "
+                "choose another application name"
+            )
     elif app is not None:
         raise ValueError(f"a {kind} certificate does not take an application name")
     if not takes_names and (dns_names or ip_addresses):
         raise ValueError(f"a {kind} certificate takes no DNS or IP names")
     dns = tuple(dict.fromkeys(_check_dns(n) for n in dns_names))
     ips = tuple(dict.fromkeys(_check_ip(a) for a in ip_addresses))
+    if takes_names:
+        own = f"gateway.{trust_domain}" if kind is CertKind.GATEWAY_TLS else f"{app}.{trust_domain}"
+        _check_extra_dns(dns, own=own, trust_domain=trust_domain)
     uri = spiffe_id_for(kind, trust_domain, app)
     signing = frozenset({"digitalSignature", "contentCommitment"})
     loopback = tuple(dict.fromkeys((*_LOOPBACK, *ips)))
@@ -1009,6 +1030,7 @@ class _CaState:
             )
         except ValueError as exc:
             raise ConfigError(str(exc), field=str(kind)) from exc
+        self.check_names_free(profile, now)
         start = not_before if not_before is not None else now - _BACKDATE
         end = (not_before if not_before is not None else now) + timedelta(days=lifetime)
         if end > self.cert.not_valid_after_utc:
@@ -1034,6 +1056,28 @@ class _CaState:
         self.record(kind, cert, cert_path, key_path)
         return Issued(cert_path, key_path, cert.serial_number, fingerprint(cert), profile.uris[0])
 
+    def check_names_free(self, profile: Profile, at: datetime) -> None:
+        """Refuse a DNS name that an unrevoked, unexpired certificate of another identity from this CA carries.
+
+        Names outside the network (``--dns``) are the operator's choice; this keeps
+        two identities from sharing one, so a backend cannot be issued the name a
+        gateway or another backend is verified by. Records from before the inventory
+        kept DNS names have none to compare.
+        """
+        revoked = {r.serial for r in self.revocations()}
+        for rec in self.data["certificates"]:
+            taken = [n for n in profile.dns_names if n in (rec.get("dns_names") or ())]
+            if not taken or rec.get("spiffe_id") == profile.uris[0]:
+                continue
+            serial = int(rec["serial"], 16)
+            if serial in revoked or _parse_iso(rec["not_after"]) <= at:
+                continue
+            raise ConfigError(
+                f"--dns {taken[0]}: {rec.get('spiffe_id')} (serial {_hex(serial)}, until {rec['not_after']}) "
+                "carries that name; revoke it first or choose another name",
+                field="dns",
+            )
+
     def has_issued(self, serial: int) -> bool:
         return any(int(rec["serial"], 16) == serial for rec in self.data["certificates"])
 
@@ -1045,6 +1089,7 @@ class _CaState:
                 "serial": _hex(cert.serial_number),
                 "kind": str(kind),
                 "spiffe_id": uris[0] if uris else None,
+                "dns_names": san.get_values_for_type(x509.DNSName) if san else [],
                 "subject": cert.subject.rfc4514_string(),
                 "fingerprint": fingerprint(cert),
                 "not_before": _iso(cert.not_valid_before_utc),
@@ -1316,6 +1361,24 @@ def _check_dns(name: str) -> str:
     return low
 
 
+def _check_extra_dns(names: Sequence[str], *, own: str, trust_domain: str) -> None:
+    """Refuse a name under the network other than `own`: it names another identity (see `leaf_profile`)."""
+    network = trust_domain.partition(".")[2] or trust_domain
+    for name in names:
+        if name == own or not (name == network or name.endswith(f".{network}")):
+            continue
+        if name == f"gateway.{trust_domain}":
+            whose = "the force's gateway (only a gateway-tls certificate carries it)"
+        elif name.endswith(f".{trust_domain}"):
+            whose = f"another identity of {trust_domain} (<app>.{trust_domain} is application <app>'s)"
+        else:
+            whose = f"an identity of the network {network} (names under it are <app or gateway>.<force>.{network})"
+        raise ValueError(
+            f"--dns {name}: that name belongs to {whose}; this certificate carries {own} and may add only "
+            f"names outside {network}"
+        )
+
+
 def _check_ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
@@ -1463,8 +1526,15 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("kind", metavar="KIND", help=kinds)
     p.add_argument("--ca-dir", type=Path, required=True, help="the CA directory")
     p.add_argument("--out", type=Path, required=True, metavar="STEM", help="output path without extension")
-    p.add_argument("--app", help="application name (app-client, app-server)")
-    p.add_argument("--dns", action="append", default=[], metavar="NAME", help="extra DNS SAN (servers; repeatable)")
+    p.add_argument("--app", help="application name (app-client, app-server; not gateway or log)")
+    p.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra DNS SAN (servers; repeatable): only outside the network's names, and not one another "
+        "unrevoked certificate of this CA carries",
+    )
     p.add_argument("--ip", action="append", default=[], metavar="ADDR", help="extra IP SAN (servers; repeatable)")
     p.add_argument("--days", type=int, help="lifetime in days (default: 30, log-signing 365)")
     p.add_argument("--key-type", help="ed25519 or p256 (gateway-signing only; default ed25519 there, else p256)")

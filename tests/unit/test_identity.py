@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway import pki
 from gateway.directory import NetworkDirectory, load_directory
@@ -135,6 +137,75 @@ def test_issued_material_is_accepted_for_its_own_use_only(world: World) -> None:
         store.verify(signing, Usage.CLIENT, now())
 
 
+TV = "thames-valley.se.psn"
+
+#: Certificates of the right force's CA whose DNS names claim another identity than their SPIFFE ID:
+#: (kind, app, DNS names, usage). `psngw pki` no longer issues them; a CA that does is not believed.
+NAME_CLAIMS: dict[str, tuple[pki.CertKind, str | None, tuple[str, ...], Usage]] = {
+    "app server named as its gateway": (pki.CertKind.APP_SERVER, "intel-search", (f"gateway.{TV}",), Usage.SERVER),
+    "app server named as another app": (
+        pki.CertKind.APP_SERVER,
+        "intel-search",
+        (f"intel-search.{TV}", f"pnc-lookup.{TV}"),
+        Usage.SERVER,
+    ),
+    "app server named as another force's gateway": (
+        pki.CertKind.APP_SERVER,
+        "intel-search",
+        ("gateway.hampshire.se.psn",),
+        Usage.SERVER,
+    ),
+    "app server with a wildcard over its force": (pki.CertKind.APP_SERVER, "intel-search", (f"*.{TV}",), Usage.SERVER),
+    "app server named as its gateway, upper case": (
+        pki.CertKind.APP_SERVER,
+        "intel-search",
+        (f"GATEWAY.{TV.upper()}",),
+        Usage.SERVER,
+    ),
+    "app client named as its gateway": (pki.CertKind.APP_CLIENT, "analyst-desk", (f"gateway.{TV}",), Usage.CLIENT),
+    "gateway named as an app": (pki.CertKind.GATEWAY_TLS, None, (f"gateway.{TV}", f"intel-search.{TV}"), Usage.SERVER),
+    "log key named as the gateway": (pki.CertKind.LOG_SIGNING, None, (f"gateway.{TV}",), Usage.LOG),
+}
+
+
+def _signed_by_tv(world: World, kind: pki.CertKind, app: str | None, dns: tuple[str, ...]) -> bytes:
+    """A certificate of `kind` from Thames Valley's own CA, with `dns` as its DNS SANs (as a mis-issuing CA would)."""
+    material = world.material["thames-valley"]
+    ca = x509.load_pem_x509_certificate(material.ca.read_bytes())
+    ca_key: Any = serialization.load_pem_private_key(material.ca_key.read_bytes(), password=None)
+    base = pki.leaf_profile(kind, trust_domain=TV, display_name="Thames Valley Police", app=app)
+    key = pki.generate_key("ed25519" if kind is pki.CertKind.LOG_SIGNING else "p256")
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    cert = pki.build_certificate(
+        dataclasses.replace(base, dns_names=dns),
+        public_key=key.public_key(),
+        issuer=ca,
+        issuer_key=ca_key,
+        not_before=start,
+        not_after=start + timedelta(days=1),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("name", list(NAME_CLAIMS))
+def test_a_certificate_whose_dns_names_claim_another_identity_is_refused(world: World, name: str) -> None:
+    kind, app, dns, usage = NAME_CLAIMS[name]
+    cert = _signed_by_tv(world, kind, app, dns)
+    with pytest.raises(Unauthenticated, match="names another identity"):
+        world.store().verify(cert, usage, now())
+
+
+def test_a_certificate_with_its_own_name_and_names_outside_the_network_is_accepted(world: World) -> None:
+    store = world.store()
+    app = _signed_by_tv(world, pki.CertKind.APP_SERVER, "intel-search", (f"intel-search.{TV}", "intel.tvp.example"))
+    assert store.verify(app, Usage.SERVER, now()).app == "intel-search"
+    gateway = _signed_by_tv(world, pki.CertKind.GATEWAY_TLS, None, (f"gateway.{TV}.", "gw1.tvp.example"))
+    assert store.verify(gateway, Usage.SERVER, now()).kind == "gateway"
+    for force, m in world.material.items():  # everything `psngw pki` issued for the network
+        for issued, usage in ((m.gateway_tls, Usage.SERVER), *((s, Usage.SERVER) for s in m.app_servers.values())):
+            assert store.verify(issued.cert_path.read_bytes(), usage, now()).force == force
+
+
 def test_cached_result_still_checks_time(world: World) -> None:
     # The static checks are cached per fingerprint; expiry must not be.
     store = world.store()
@@ -184,6 +255,7 @@ def test_crl_signed_by_another_ca_is_unusable(world: World) -> None:
 
 def test_unreadable_ca_is_a_config_error(world: World, tmp_path: Path) -> None:
     text = DIRECTORY.replace("pki/surrey/ca.pem", str(tmp_path / "missing.pem"))
+    assert world.directory.path is not None
     (tmp_path / "d.toml").write_text(text.replace("pki/", str(world.directory.path.parent) + "/pki/"))
     with pytest.raises(ConfigError, match="cannot read CA certificate of force surrey"):
         load_trust_store(load_directory(tmp_path / "d.toml"))

@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from gateway import cli, pki
@@ -285,6 +286,128 @@ def test_issue_rejects_bad_arguments(
     with pytest.raises(ConfigError, match=match):
         pki.issue(ca_dir, kind, out_stem=tmp_path / "x", now=NOW, **kwargs)  # type: ignore[arg-type]  # bad arguments on purpose
     assert not (tmp_path / "x.key").exists() and not (tmp_path / "x.pem").exists()
+
+
+#: Server certificates that would carry another identity's name: a client that checks the CA and the
+#: DNS name only (gateway.client, ChannelPool) would take the holder for that identity. (kind, app, --dns, match)
+NAME_THEFTS: dict[str, tuple[pki.CertKind, str, tuple[str, ...], str]] = {
+    "an app named gateway": (pki.CertKind.APP_SERVER, "gateway", (), "--app gateway: the name is reserved"),
+    "an app named log": (pki.CertKind.APP_SERVER, "log", (), "--app log: the name is reserved"),
+    "an app client named gateway": (pki.CertKind.APP_CLIENT, "gateway", (), "--app gateway: the name is reserved"),
+    "an app with the gateway's name": (
+        pki.CertKind.APP_SERVER,
+        "intel",
+        (f"gateway.{TD}",),
+        f"--dns gateway.{TD}: that name belongs to the force's gateway",
+    ),
+    "an app with the gateway's name, upper case and a dot": (
+        pki.CertKind.APP_SERVER,
+        "intel",
+        (f"Gateway.{TD.upper()}.",),
+        f"--dns gateway.{TD}: that name belongs to the force's gateway",
+    ),
+    "an app with another app's name": (
+        pki.CertKind.APP_SERVER,
+        "intel",
+        (f"pnc-lookup.{TD}",),
+        f"--dns pnc-lookup.{TD}: that name belongs to another identity of {TD}",
+    ),
+    "an app with a name under another app's": (
+        pki.CertKind.APP_SERVER,
+        "intel",
+        (f"x.intel.{TD}",),
+        "belongs to another identity",
+    ),
+    "an app with another force's gateway name": (
+        pki.CertKind.APP_SERVER,
+        "intel",
+        ("gateway.hampshire.se.psn",),
+        "--dns gateway.hampshire.se.psn: that name belongs to an identity of the network se.psn",
+    ),
+    "an app with the network's own name": (pki.CertKind.APP_SERVER, "intel", ("se.psn",), "--dns se.psn"),
+    "a gateway with an app's name": (
+        pki.CertKind.GATEWAY_TLS,
+        "",
+        (f"intel.{TD}",),
+        f"--dns intel.{TD}: that name belongs to another identity",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NAME_THEFTS))
+def test_issue_refuses_a_name_that_belongs_to_another_identity(ca_dir: Path, tmp_path: Path, name: str) -> None:
+    kind, app, dns, match = NAME_THEFTS[name]
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        pki.issue(ca_dir, kind, out_stem=tmp_path / "x", app=app or None, dns_names=dns, now=NOW)
+    assert not (tmp_path / "x.key").exists() and not (tmp_path / "x.pem").exists()
+    assert len(pki.inventory(ca_dir)) == 1  # the CA only
+
+
+def test_only_the_gateway_profile_carries_the_gateways_name(ca_dir: Path, tmp_path: Path) -> None:
+    gateway = f"gateway.{TD}"
+    for kind in pki.CertKind:
+        if kind is pki.CertKind.CA:
+            continue
+        app = "intel" if kind in (pki.CertKind.APP_CLIENT, pki.CertKind.APP_SERVER) else None
+        made = pki.issue(ca_dir, kind, out_stem=tmp_path / str(kind), app=app, now=NOW)
+        names = pki.inspect_certificate(made.cert_path)["dns_names"]
+        assert (gateway in names) is (kind is pki.CertKind.GATEWAY_TLS), kind  # type: ignore[operator]  # inspect gives dict[str, object]
+
+
+def test_a_server_certificate_may_add_names_outside_the_network(ca_dir: Path, tmp_path: Path) -> None:
+    made = pki.issue(
+        ca_dir,
+        pki.CertKind.APP_SERVER,
+        out_stem=tmp_path / "srv",
+        app="intel",
+        dns_names=[f"intel.{TD}", "intel.tvp.example", "se.psn.example"],
+        now=NOW,
+    )
+    assert pki.inspect_certificate(made.cert_path)["dns_names"] == [
+        f"intel.{TD}",
+        "intel.tvp.example",
+        "se.psn.example",
+    ]
+
+
+def test_issue_refuses_a_name_another_live_identity_of_the_ca_carries(ca_dir: Path, tmp_path: Path) -> None:
+    gw_name = "gw.tvp.example"
+    gw = pki.issue(ca_dir, pki.CertKind.GATEWAY_TLS, out_stem=tmp_path / "gw", dns_names=[gw_name], now=NOW)
+    with pytest.raises(ConfigError, match=re.escape(f"dns: --dns {gw_name}: spiffe://{TD}/gateway (serial")):
+        pki.issue(ca_dir, pki.CertKind.APP_SERVER, out_stem=tmp_path / "a", app="intel", dns_names=[gw_name], now=NOW)
+    # the same identity may renew with its names; another app may not take an app's extra name
+    pki.issue(ca_dir, pki.CertKind.GATEWAY_TLS, out_stem=tmp_path / "gw2", dns_names=["GW.tvp.example"], now=NOW)
+    pki.issue(
+        ca_dir, pki.CertKind.APP_SERVER, out_stem=tmp_path / "b", app="intel", dns_names=["i.tvp.example"], now=NOW
+    )
+    with pytest.raises(ConfigError, match=re.escape(f"spiffe://{TD}/app/intel")):
+        pki.issue(
+            ca_dir, pki.CertKind.APP_SERVER, out_stem=tmp_path / "c", app="pnc", dns_names=["i.tvp.example"], now=NOW
+        )
+    # once every certificate carrying the name is revoked or expired, the name is free
+    pki.revoke(ca_dir, serial=gw.serial, reason="superseded", now=NOW)
+    with pytest.raises(ConfigError, match=re.escape(f"spiffe://{TD}/gateway")):  # gw2 still carries it
+        pki.issue(ca_dir, pki.CertKind.APP_SERVER, out_stem=tmp_path / "a", app="intel", dns_names=[gw_name], now=NOW)
+    later = NOW + timedelta(days=31)
+    made = pki.issue(
+        ca_dir, pki.CertKind.APP_SERVER, out_stem=tmp_path / "a", app="pnc", dns_names=[gw_name], now=later
+    )
+    assert gw_name in pki.inspect_certificate(made.cert_path)["dns_names"]  # type: ignore[operator]  # inspect gives dict[str, object]
+
+
+def test_cli_refuses_a_stolen_name_in_one_line_naming_the_option(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issue: list[str | Path] = ["pki", "issue", "app-server", "--ca-dir", ca_dir, "--out", tmp_path / "srv"]
+    for argv, option in (
+        ([*issue, "--app", "gateway"], "--app gateway"),
+        ([*issue, "--app", "intel", "--dns", f"gateway.{TD}"], f"--dns gateway.{TD}"),
+        ([*issue, "--app", "intel", "--dns", f"pnc.{TD}"], f"--dns pnc.{TD}"),
+    ):
+        code, _, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("psngw: ") and option in lines[0], err
+    assert not (tmp_path / "srv.pem").exists()
 
 
 def test_unknown_kind_and_stem_with_extension(ca_dir: Path, tmp_path: Path) -> None:
@@ -574,6 +697,7 @@ def test_inventory_file_records_every_issue_and_revocation(ca_dir: Path, tmp_pat
         "serial": format(made.serial, "x"),
         "kind": "app-server",
         "spiffe_id": f"spiffe://{TD}/app/intel",
+        "dns_names": [f"intel.{TD}"],
         "subject": "CN=intel server,OU=app-server,O=Thames Valley Police",
         "fingerprint": made.fingerprint,
         "not_before": "2030-06-01T11:55:00Z",
@@ -638,6 +762,7 @@ _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
     ips=st.lists(st.ip_addresses().map(str), max_size=3),
 )
 def test_profile_names_survive_encoding(app: str, dns: list[str], ips: list[str]) -> None:
+    assume(app not in pki.RESERVED_APP_NAMES and not any(n == "se.psn" or n.endswith(".se.psn") for n in dns))
     profile = pki.leaf_profile(
         pki.CertKind.APP_SERVER, trust_domain=TD, display_name="T", app=app, dns_names=dns, ip_addresses=ips
     )
