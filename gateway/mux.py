@@ -105,7 +105,7 @@ _GREETING_SECONDS = 2 * HANDSHAKE_SECONDS
 #: Bytes of answers a host holds for an origin that does not read them, past which it reads no more requests.
 _MAX_UNSENT_BYTES = 8 << 20
 
-#: Seconds a host waits for one message to be taken by the origin before it ends the channel.
+#: Seconds either end waits for one message to be taken by the other before it ends the channel.
 _WRITE_STALL_SECONDS = 30.0
 
 
@@ -317,9 +317,13 @@ class _ClientStream:
         if future is None or self.closed is not None:
             return
         future.cancel()
-        self._cancels.append(call_id)
-        self._wake.set()
-        self._full.set()
+        unsent = [i for i, request in enumerate(self._outbox) if request.id == call_id]
+        if unsent:  # never sent (the host is not reading): drop it, nothing to cancel there
+            del self._outbox[unsent[0]]
+        else:
+            self._cancels.append(call_id)
+            self._wake.set()
+            self._full.set()
         self._close_if_retired()
 
     def retire(self) -> None:
@@ -358,7 +362,7 @@ class _ClientStream:
                         batch.requests.append(request)
                     if batch.ByteSize():
                         # While this write waits for flow control, new calls queue up for the next batch.
-                        await self.pipe.write(batch)
+                        await self._write_within(batch)
                         if batch.requests and self._on_sent is not None:
                             self._on_sent(len(batch.requests))
         except asyncio.CancelledError:
@@ -366,6 +370,21 @@ class _ClientStream:
             raise
         except Exception as exc:  # noqa: BLE001  # the stream is unusable: every waiting call must hear so
             self._close(await self.pipe.failure(exc))
+
+    async def _write_within(self, batch: relay_pb2.MuxBatch) -> None:
+        """Write one message; `Unavailable` if the host takes none of it for `_WRITE_STALL_SECONDS`.
+
+        The channel then ends, its calls with it: a host that stopped reading, or a path that went
+        silent, must not hold the channel and every call queued on it for ever (the next call opens
+        a new one).
+        """
+        try:
+            async with asyncio.timeout(_WRITE_STALL_SECONDS):
+                await self.pipe.write(batch)
+        except TimeoutError:
+            raise Unavailable(
+                f"relay channel to {self.host}: the host took no message for {_WRITE_STALL_SECONDS:g} s"
+            ) from None
 
     async def _gather(self) -> None:
         """Hold a batch of requests open for company while the channel is busy (`BatchHold`).

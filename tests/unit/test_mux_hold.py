@@ -18,7 +18,7 @@ import pytest
 
 from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.config import LimitsConfig
-from gateway.errors import ConfigError, DeadlineExceeded
+from gateway.errors import ConfigError, DeadlineExceeded, Unavailable
 from gateway.mux import BatchHold, MuxHost, _ClientStream
 from gateway.muxstream import HostStream
 from gateway.server import _batch_hold
@@ -197,3 +197,42 @@ def test_the_gateway_takes_its_hold_from_the_limits_table(tmp_path: Path) -> Non
         limits("relay_batch_siblings = 1\n")
     with pytest.raises(ConfigError, match=r"gw.toml:2: limits.relay_batch_delay_seconds: must be at most 1"):
         limits("relay_batch_delay_seconds = 3\n")
+
+
+class StuckPipe(Pipe):
+    """A relay channel whose host has stopped reading: a message with requests is never taken."""
+
+    async def write(self, batch: relay_pb2.MuxBatch) -> None:
+        if batch.requests:
+            await asyncio.Event().wait()  # the transport's buffer is full, for ever
+        await super().write(batch)
+
+
+def test_an_origin_whose_host_takes_nothing_ends_the_channel_and_forgets_what_it_never_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A host that stopped reading (or a path that went silent) must not hold the channel, and every call
+    # queued on it, for ever: the writer gives up after the stall time and the channel ends UNAVAILABLE.
+    # A call that gives up first is dropped from what waits to be sent, with no cancellation to send.
+    monkeypatch.setattr("gateway.mux._WRITE_STALL_SECONDS", 0.3)
+
+    async def run() -> tuple[list[int], list[int], float]:
+        pipe = StuckPipe()
+        host = Host(pipe)
+        serving = asyncio.ensure_future(host.mux.serve())
+        client = await _client(pipe, None)
+        started = time.monotonic()
+        first = asyncio.ensure_future(client.call(_request(10), timeout=5))  # its message is stuck in the pipe
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await client.call(_request(10), timeout=0.05)  # queued behind it, never sent
+        queued, cancels = [r.id for r in client._outbox], list(client._cancels)
+        with pytest.raises(Unavailable, match=r"the host took no message for 0\.3 s"):
+            await asyncio.wait_for(first, 5)
+        took = time.monotonic() - started
+        serving.cancel()
+        return queued, cancels, took
+
+    queued, cancels, took = asyncio.run(run())
+    assert (queued, cancels) == ([], [])
+    assert took < 3
