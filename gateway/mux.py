@@ -378,6 +378,8 @@ class _ClientStream:
         silent, must not hold the channel and every call queued on it for ever (the next call opens
         a new one).
         """
+        if self.pipe.send_now(batch):
+            return  # the transport took it at once: no write to watch (and no timer a message)
         try:
             async with asyncio.timeout(_WRITE_STALL_SECONDS):
                 await self.pipe.write(batch)
@@ -978,7 +980,7 @@ class MuxHost:
 
     async def _write_loop(self) -> None:
         try:
-            await self._write_within(relay_pb2.MuxBatch(max_frame=self._max_frame))
+            await self._write_within(relay_pb2.MuxBatch(max_frame=self._max_frame), at_once=False)
             self._greeted = True
             while True:
                 await self._wake.wait()
@@ -1007,8 +1009,14 @@ class MuxHost:
             self._writer_gone.set()
             self._room.set()
 
-    async def _write_within(self, batch: relay_pb2.MuxBatch) -> None:
-        """Write one message; `Unavailable` (the channel ends) if the origin takes none of it for a while."""
+    async def _write_within(self, batch: relay_pb2.MuxBatch, *, at_once: bool = True) -> None:
+        """Write one message; `Unavailable` (the channel ends) if the origin takes none of it for a while.
+
+        `at_once`: first offer it to `send_now` (a link with room takes it there and then, with no
+        write to watch and no timer a message).
+        """
+        if at_once and self._send_now is not None and self._send_now(batch):
+            return
         try:
             async with asyncio.timeout(_WRITE_STALL_SECONDS):
                 await self._write(batch)
