@@ -36,7 +36,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -447,20 +447,30 @@ class SqliteWitnessState:
     def store(self, origin: str, size: int, root_hash: bytes, note: bytes, *, expected_size: int | None = None) -> None:
         """Record a cosigned checkpoint durably and atomically (see `WitnessState.store`)."""
         _check_stored_values(origin, size, root_hash, note)
+        with self._transaction():
+            held = self._select(origin)
+            _guard(origin, held, size=size, root_hash=root_hash, note=note, expected_size=expected_size)
+            self._conn.execute(
+                "INSERT INTO witness_checkpoint (origin, size, root_hash, note) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (origin) DO UPDATE"
+                " SET size = excluded.size, root_hash = excluded.root_hash, note = excluded.note",
+                (origin, size, root_hash, note),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` write transaction under the lock: committed, or rolled back on any error.
+
+        A SQLite error is `WitnessStateUnavailable`; any other error (a refusal raised inside) is rolled
+        back and raised as it is.
+        """
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise WitnessStateUnavailable(f"cannot write witness state {self._path}: {exc}") from exc
             try:
-                held = self._select(origin)
-                _guard(origin, held, size=size, root_hash=root_hash, note=note, expected_size=expected_size)
-                self._conn.execute(
-                    "INSERT INTO witness_checkpoint (origin, size, root_hash, note) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (origin) DO UPDATE"
-                    " SET size = excluded.size, root_hash = excluded.root_hash, note = excluded.note",
-                    (origin, size, root_hash, note),
-                )
+                yield
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -472,32 +482,20 @@ class SqliteWitnessState:
     def keep_conflict(self, evidence: ConflictEvidence, *, limit: int) -> Kept:
         """Keep evidence once, durably, at most `limit` per origin and kind (see `WitnessState.keep_conflict`)."""
         origin, kind, presented_hash, held_size = _evidence_key(evidence)
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise WitnessStateUnavailable(f"cannot write witness state {self._path}: {exc}") from exc
-            try:
-                kept: Kept
-                repeat = self._conn.execute(
-                    "UPDATE witness_conflict SET seen = seen + 1, last_at = max(last_at, ?)"
-                    " WHERE origin = ? AND kind = ? AND presented_hash = ? AND held_size = ?",
-                    (evidence.at, origin, kind.value, presented_hash, held_size),
-                )
-                if repeat.rowcount:
-                    kept = "repeat"
-                elif self._count_conflicts(origin, kind) >= limit:
-                    kept = "full"
-                else:
-                    self._insert_conflict(evidence)
-                    kept = "new"
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise WitnessStateUnavailable(f"cannot write witness state {self._path}: {exc}") from exc
-            except BaseException:
-                self._rollback()
-                raise
+        kept: Kept
+        with self._transaction():
+            repeat = self._conn.execute(
+                "UPDATE witness_conflict SET seen = seen + 1, last_at = max(last_at, ?)"
+                " WHERE origin = ? AND kind = ? AND presented_hash = ? AND held_size = ?",
+                (evidence.at, origin, kind.value, presented_hash, held_size),
+            )
+            if repeat.rowcount:
+                kept = "repeat"
+            elif self._count_conflicts(origin, kind) >= limit:
+                kept = "full"
+            else:
+                self._insert_conflict(evidence)
+                kept = "new"
         return kept
 
     def conflicts(self) -> list[ConflictEvidence]:
