@@ -1,4 +1,4 @@
-"""One peer force cannot take every place the host has: its share of links and long-lived RPCs.
+"""One peer force cannot take every place the host has: its share of links and long-lived RPCs, and its calls' time.
 
 A host's relay listener serves at most `MAX_LINKS` links and its peer listener
 `max_concurrent_calls` RPCs, for every force together. A peer that holds links
@@ -21,6 +21,7 @@ import pytest
 
 from gateway import server as server_module
 from gateway._proto.psn.demo.intel.v1 import intel_pb2
+from gateway._proto.psn.gateway.v1 import relay_pb2
 from gateway.relaylink import MAX_LINKS
 from tests.integration._hostile_common import LIFTED_RATE_LIMITS, append_config, wait_for
 from tests.integration._hostile_peer import STREAM, RawPeer, envelope_frame, message_frame
@@ -38,7 +39,7 @@ MAX_CALLS = 8
 
 @pytest.fixture(scope="module")
 def snet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkThread]:
-    net = NetworkThread(tmp_path_factory.mktemp("shares-net"), relay_links=True)
+    net = NetworkThread(tmp_path_factory.mktemp("shares-net"), echo=True, relay_links=True)
     append_config(net, LIFTED_RATE_LIMITS + f"\n[limits]\nmax_concurrent_calls = {MAX_CALLS}\n")
     net.start()
     yield net
@@ -131,3 +132,36 @@ def test_a_relay_stream_that_sends_no_envelope_is_ended_and_recorded(
     assert time.monotonic() - started < 5
     [record] = records_since(snet, TV, since, status="DEADLINE_EXCEEDED")
     assert "sent no envelope within 0.5 s" in record.refusal_reason
+
+
+#: a server stream of the benchmark's echo backend: it answers with as many bytes as the request asks for
+ECHO_STREAM = "/psn.bench.v1.Echo1/ServerStream"
+
+
+def test_a_peer_that_grants_no_credit_has_its_stream_ended_at_the_deadline_and_recorded(snet: NetworkThread) -> None:
+    # A relay link's origin that takes the first window of an answer and grants no more credit must not hold
+    # the host's call past its deadline: the stream ends DEADLINE_EXCEEDED and is recorded as closed.
+    host = snet.layout.directory().route(ECHO_STREAM).host
+    origin = next(f for f in (TV, HANTS, SURREY) if f != host)
+    peer = RawPeer(snet, origin, host)
+    since = time.time()
+    wanted = b"4194304"  # 4 MiB back: four windows
+    env = peer.envelope(ECHO_STREAM, message=wanted, deadline=2.0)
+    with peer.open_link() as link:
+        link.send(relay_pb2.MuxStream(id=1, frame=envelope_frame(peer.sign(env)).SerializeToString()))
+        link.send(relay_pb2.MuxStream(id=1, frame=message_frame(0, wanted).SerializeToString()))
+        started = time.monotonic()
+        ended = link.read_until(lambda: link.over(1), timeout=15, credit=False)
+        took = time.monotonic() - started
+        assert ended is None and took < 8, (ended, took)  # the host ended the stream, near its deadline
+        refusals = [i.refusal for i in link.items(1) if i.HasField("refusal")]
+        sealed = link.outcome(1).sealed
+        assert sealed == "DEADLINE_EXCEEDED" or [r.code for r in refusals] == [
+            grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        ], (sealed, refusals)
+    wait_for(
+        lambda: any(r.event == "stream-close" for r in records_since(snet, host, since, request_id=env.request_id)),
+        "the host's record of the stream's end",
+    )
+    closed = [r for r in records_since(snet, host, since, request_id=env.request_id) if r.event == "stream-close"]
+    assert [r.status for r in closed] == ["DEADLINE_EXCEEDED"], closed
