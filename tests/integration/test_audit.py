@@ -91,14 +91,7 @@ def test_a_witness_refuses_a_forked_history(net: NetworkThread) -> None:
     origin = "thames-valley.se.psn/audit"
 
     def witnessed() -> int:
-        conn = sqlite3.connect(f"file:{hants_witness}?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT size FROM witness_checkpoint WHERE origin = ?", (origin,)).fetchone()
-        except sqlite3.OperationalError:
-            row = None
-        finally:
-            conn.close()
-        return int(row[0]) if row else 0
+        return _witnessed(hants_witness, origin)
 
     wait_for(lambda: witnessed() > 0, "Hampshire to witness Thames Valley's log")
     size = witnessed()
